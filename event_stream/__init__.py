@@ -1,0 +1,1 @@
+"""A change-event relay for Django on PostgreSQL: the transactional outbox."""

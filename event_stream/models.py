@@ -1,0 +1,106 @@
+"""The outbox table and the relays' heartbeats."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Now
+
+from event_stream.capture import outbox_notify_trigger
+
+PENDING = Q(processed_at__isnull=True, failed_at__isnull=True)
+
+
+class OutboxQuerySet(models.QuerySet):
+    def pending(self):
+        """Waiting to be handled: neither processed nor dead-lettered."""
+        return self.filter(PENDING)
+
+    def processed(self):
+        return self.filter(processed_at__isnull=False)
+
+    def failed(self):
+        """Dead-lettered: attempts exhausted, or malformed. Replay puts them back."""
+        return self.filter(failed_at__isnull=False)
+
+
+class Outbox(models.Model):
+    """One captured change, written by a trigger in the writer's transaction.
+
+    The seed's columns and index names, plus what retries, dead-lettering and ordering need.
+    Database defaults (`db_default`) let triggers and hand-written SQL insert just the event.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField(db_default=models.Func(function="gen_random_uuid"))
+    event_type = models.CharField(max_length=255)
+    entity_type = models.CharField(max_length=255)
+    # Events of one entity are handled in order. Null only for hand-written rows; those have
+    # no entity to order by and are handled independently.
+    entity_id = models.UUIDField(null=True, blank=True)
+    payload = models.JSONField()
+    processed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    # Retries: how often handling was tried, when the next try may start, and why it failed.
+    attempts = models.PositiveSmallIntegerField(db_default=0)
+    available_at = models.DateTimeField(db_default=Now())
+    last_error = models.TextField(null=True, blank=True)
+    # Dead letter: set when the attempts ran out or the row cannot be handled at all.
+    failed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OutboxQuerySet.as_manager()
+
+    class Meta:
+        db_table = "outbox"
+        indexes = [
+            # The relay's claim scans pending rows in id order.
+            models.Index(fields=["id"], name="outbox_unprocessed_idx", condition=PENDING),
+            # "Is an earlier event of this entity still pending?" for per-entity order.
+            models.Index(
+                fields=["entity_id", "id"], name="outbox_entity_pending_idx", condition=PENDING
+            ),
+            # Cleanup, processing rate and latency reports.
+            models.Index(
+                fields=["processed_at"],
+                name="outbox_processed_idx",
+                condition=Q(processed_at__isnull=False),
+            ),
+            models.Index(
+                fields=["failed_at"], name="outbox_failed_idx", condition=Q(failed_at__isnull=False)
+            ),
+        ]
+        triggers = [outbox_notify_trigger()]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} #{self.id}"
+
+    @property
+    def state(self) -> str:
+        if self.failed_at is not None:
+            return "failed"
+        if self.processed_at is not None:
+            return "processed"
+        return "pending"
+
+
+class RelayHeartbeat(models.Model):
+    """One row per running relay process, refreshed while it runs.
+
+    Health and `outbox_status` count a relay as alive while `last_seen_at` is recent.
+    """
+
+    relay_id = models.UUIDField(primary_key=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.IntegerField()
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    processed_count = models.BigIntegerField(default=0)
+    failed_count = models.BigIntegerField(default=0)
+    memory_mb = models.FloatField(default=0)
+    restarts = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "outbox_relay"
+
+    def __str__(self) -> str:
+        return f"relay {self.hostname}:{self.pid}"

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class PlaneConfig(AppConfig):
+    name = "plane"
+    verbose_name = "Plane (host project)"

@@ -1,0 +1,295 @@
+"""Capture on the real PostgreSQL: one correct outbox row per change, in the same transaction."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+
+import psycopg
+import pytest
+from django.contrib.auth.models import User
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from event_stream.capture import NOTIFY_CHANNEL
+from event_stream.models import Outbox
+from plane.models import Cycle, CycleIssue, Issue, IssueAssignee, IssueLabel, Label
+from tests.integration.factories import issue_for, make_project, make_state
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def project():
+    project = make_project()
+    Outbox.objects.all().delete()
+    return project
+
+
+def events():
+    return list(Outbox.objects.order_by("id"))
+
+
+def only_event():
+    rows = events()
+    assert len(rows) == 1, [r.event_type for r in rows]
+    return rows[0]
+
+
+def clear_outbox():
+    Outbox.objects.all().delete()
+
+
+class TestIssueLifecycle:
+    def test_create_writes_one_created_event_with_the_row(self, project):
+        issue = issue_for(project, name="Login fails", estimate_point=3)
+        issue.save()
+
+        event = only_event()
+        assert event.event_type == "issue.created"
+        assert event.entity_type == "issue"
+        assert event.entity_id == issue.id
+        assert event.payload["previous_attributes"] == {}
+        data = event.payload["data"]
+        assert data["id"] == str(issue.id)
+        assert data["name"] == "Login fails"
+        assert data["project_id"] == str(project.id)
+        assert event.processed_at is None and event.failed_at is None
+        assert event.attempts == 0
+        assert isinstance(event.event_id, uuid.UUID)
+
+    def test_update_lists_only_changed_columns_with_old_values(self, project):
+        state = make_state(project)
+        issue = issue_for(project, name="Old", priority="low")
+        issue.save()
+        clear_outbox()
+
+        issue.name = "New"
+        issue.state = state
+        issue.save()
+
+        event = only_event()
+        assert event.event_type == "issue.updated"
+        assert event.payload["previous_attributes"] == {"name": "Old", "state_id": None}
+        assert event.payload["data"]["name"] == "New"
+        assert event.payload["data"]["state_id"] == str(state.id)
+        assert event.payload["data"]["priority"] == "low"
+
+    def test_update_of_ignored_columns_only_writes_nothing(self, project):
+        issue = issue_for(project)
+        issue.save()
+        clear_outbox()
+
+        issue.sort_order = 12.5
+        issue.description_stripped = "derived text"
+        issue.save()  # also bumps updated_at, ignored too
+
+        assert events() == []
+
+    def test_update_that_changes_nothing_writes_nothing(self, project):
+        issue = issue_for(project)
+        issue.save()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(name=issue.name)
+
+        assert events() == []
+
+    def test_soft_delete_writes_deleted(self, project):
+        issue = issue_for(project)
+        issue.save()
+        clear_outbox()
+
+        issue.deleted_at = timezone.now()
+        issue.save()
+
+        event = only_event()
+        assert event.event_type == "issue.deleted"
+        assert event.payload["previous_attributes"] == {"deleted_at": None}
+        assert event.payload["data"]["deleted_at"] is not None
+
+    def test_hard_delete_writes_deleted_with_the_last_row(self, project):
+        issue = issue_for(project, name="Gone")
+        issue.save()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).delete()
+
+        event = only_event()
+        assert event.event_type == "issue.deleted"
+        assert event.entity_id == issue.id
+        assert event.payload["data"]["name"] == "Gone"
+        assert event.payload["previous_attributes"] == {}
+
+    def test_purging_a_soft_deleted_issue_announces_nothing_new(self, project):
+        issue = issue_for(project, deleted_at=timezone.now())
+        issue.save()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).delete()
+
+        assert events() == []
+
+
+class TestRelationEvents:
+    def test_assignee_added_and_removed(self, project):
+        issue = issue_for(project)
+        issue.save()
+        user = User.objects.create(username="ada")
+        clear_outbox()
+
+        link = IssueAssignee.objects.create(issue=issue, assignee=user)
+        link_id = link.id
+        link.delete()
+
+        created, deleted = events()
+        assert (created.event_type, deleted.event_type) == (
+            "issue_assignee.created",
+            "issue_assignee.deleted",
+        )
+        for event in (created, deleted):
+            assert event.entity_id == link_id
+            assert event.payload["data"]["issue_id"] == str(issue.id)
+            assert event.payload["data"]["assignee_id"] == user.id  # an int stays an int
+
+    def test_label_added(self, project):
+        issue = issue_for(project)
+        issue.save()
+        label = Label.objects.create(project=project, name="bug")
+        clear_outbox()
+
+        IssueLabel.objects.create(issue=issue, label=label)
+
+        event = only_event()
+        assert event.event_type == "issue_label.created"
+        assert event.payload["data"]["label_id"] == str(label.id)
+
+    def test_issue_added_to_and_moved_between_cycles(self, project):
+        issue = issue_for(project)
+        issue.save()
+        sprint_1 = Cycle.objects.create(project=project, name="Sprint 1")
+        sprint_2 = Cycle.objects.create(project=project, name="Sprint 2")
+        clear_outbox()
+
+        membership = CycleIssue.objects.create(cycle=sprint_1, issue=issue)
+        membership.cycle = sprint_2
+        membership.save()
+
+        added, moved = events()
+        assert added.event_type == "cycle_issue.created"
+        assert moved.event_type == "cycle_issue.updated"
+        assert moved.payload["previous_attributes"] == {"cycle_id": str(sprint_1.id)}
+        assert moved.payload["data"]["cycle_id"] == str(sprint_2.id)
+
+    def test_cycle_soft_delete(self, project):
+        cycle = Cycle.objects.create(project=project, name="Sprint")
+        clear_outbox()
+
+        cycle.deleted_at = timezone.now()
+        cycle.save()
+
+        assert only_event().event_type == "cycle.deleted"
+
+
+class TestTransactions:
+    def test_rolled_back_write_leaves_no_event(self, project):
+        with pytest.raises(RuntimeError), transaction.atomic():
+            issue_for(project).save()
+            raise RuntimeError("abort")
+
+        assert events() == []
+        assert Issue.objects.count() == 0
+
+    def test_error_inside_capture_fails_the_business_write(self, project):
+        # Given an outbox that refuses issue events (a stand-in for any failure in capture)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "ALTER TABLE outbox ADD CONSTRAINT refuse_issues "
+                "CHECK (event_type <> 'issue.created')"
+            )
+        # When an issue is written, then the write fails too: nothing is swallowed
+        with pytest.raises(IntegrityError, match="refuse_issues"), transaction.atomic():
+            issue_for(project).save()
+
+        assert Issue.objects.count() == 0
+        assert events() == []
+
+    def test_capture_ignores_the_callers_search_path(self, project):
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE SCHEMA decoy")
+            cursor.execute("CREATE TABLE decoy.outbox (LIKE outbox INCLUDING DEFAULTS)")
+            cursor.execute("SET LOCAL search_path = decoy, public")
+            issue_for(project).save()
+            cursor.execute("SELECT count(*) FROM decoy.outbox")
+            assert cursor.fetchone() == (0,)
+            cursor.execute("SET LOCAL search_path = public")
+        assert only_event().event_type == "issue.created"
+
+
+class TestBulk:
+    def test_bulk_insert_and_bulk_update_of_1000_rows(self, project):
+        Issue.objects.bulk_create(issue_for(project, name=f"i{n}") for n in range(1000))
+        assert Outbox.objects.filter(event_type="issue.created").count() == 1000
+
+        Issue.objects.filter(project=project).update(priority="urgent")
+
+        updated = Outbox.objects.filter(event_type="issue.updated")
+        assert updated.count() == 1000
+        assert {e.payload["previous_attributes"]["priority"] for e in updated} == {"none"}
+        assert updated.values("entity_id").distinct().count() == 1000
+
+
+class TestJsonTypes:
+    def test_types_survive(self, project):
+        issue = issue_for(
+            project,
+            estimate_point=5,
+            sort_order=1.5,
+            is_draft=True,
+            start_date=datetime.date(2026, 3, 1),
+            completed_at=datetime.datetime(2026, 3, 2, 10, 30, tzinfo=datetime.UTC),
+            description_stripped=None,
+        )
+        issue.save()
+
+        data = only_event().payload["data"]
+        assert data["estimate_point"] == 5 and type(data["estimate_point"]) is int
+        assert data["sort_order"] == 1.5
+        assert data["is_draft"] is True
+        assert data["target_date"] is None
+        assert data["description_stripped"] is None
+        assert data["start_date"] == "2026-03-01"
+        assert data["completed_at"].startswith("2026-03-02T10:30:00")
+        assert data["id"] == str(issue.id)
+        assert data["created_by_id"] is None
+
+
+class TestHandWrittenEvents:
+    def test_seed_example_row_works(self):
+        event = Outbox.objects.create(
+            event_type="test.event",
+            entity_type="test",
+            entity_id="123e4567-e89b-12d3-a456-426614174000",
+            payload={"message": "Hello, World!"},
+        )
+
+        event.refresh_from_db()
+        assert event.state == "pending"
+        assert event.created_at is not None and event.event_id is not None
+
+
+@pytest.mark.django_db(transaction=True)
+class TestNotify:
+    def test_one_notify_per_inserting_statement(self, conninfo):
+        project = make_project()
+        with psycopg.connect(conninfo, autocommit=True) as listener:
+            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+            Issue.objects.bulk_create(issue_for(project, name=f"i{n}") for n in range(50))
+            issue_for(project).save()
+            Issue.objects.filter(project=project).update(priority="high")
+
+            received = list(listener.notifies(timeout=1.0))
+        # project creation wrote no events; three statements wrote 50, 1 and 51 rows
+        assert len(received) == 3
+        assert {n.channel for n in received} == {NOTIFY_CHANNEL}
