@@ -8,6 +8,7 @@ through its `postmaster.pid` and reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -66,7 +67,6 @@ def _create_database_if_missing(socket_dir: Path, port: int) -> None:
         ).fetchone()
         if exists:
             return
-        try:
+        # Another process starting at the same moment may create it first.
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):
             conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE_NAME}"')
-        except psycopg.errors.DuplicateDatabase:
-            pass  # another process starting at the same moment created it first

@@ -1,0 +1,102 @@
+"""The handler registry: which functions handle which events, and how they are dispatched.
+
+A handler is `fn(event_data: dict) -> None`, sync or async. It registers for event-type patterns
+(`"issue.*"`, `"cycle_issue.created"`, `"*"` for every event) and is dispatched either inline in
+the relay or as a Celery task. A Celery message names a handler by its registered name; the
+worker looks the name up here and never imports anything a message names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EventData = dict[str, Any]
+HandlerFunc = Callable[[EventData], Any]
+Dispatch = Literal["inline", "celery"]
+DISPATCH_MODES: tuple[str, ...] = ("inline", "celery")
+
+
+@dataclass(frozen=True)
+class Handler:
+    name: str
+    func: HandlerFunc = field(compare=False)
+    patterns: tuple[str, ...] = ("*",)
+    dispatch: Dispatch = "inline"
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    def matches(self, event_type: str) -> bool:
+        return any(fnmatch.fnmatchcase(event_type, p) for p in self.patterns)
+
+
+def default_name(func: HandlerFunc) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+class HandlerRegistry:
+    """Handlers by name, and the handlers of each event type (cached: the relay asks per event)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Handler] = {}
+        self._by_event_type: dict[str, tuple[Handler, ...]] = {}
+
+    def add(
+        self,
+        func: HandlerFunc,
+        patterns: Iterable[str] = ("*",),
+        *,
+        name: str | None = None,
+        dispatch: Dispatch = "inline",
+    ) -> Handler:
+        if not callable(func):
+            raise TypeError(f"handler must be callable, got {func!r}")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
+        patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+        if not patterns:
+            raise ValueError("a handler needs at least one event-type pattern")
+        handler = Handler(name or default_name(func), func, patterns, dispatch)
+        existing = self._by_name.get(handler.name)
+        if existing is not None and existing.func is not func:
+            raise ValueError(f"another handler is already registered as {handler.name!r}")
+        self._by_name[handler.name] = handler
+        self._by_event_type.clear()
+        return handler
+
+    def get(self, name: str) -> Handler | None:
+        return self._by_name.get(name)
+
+    def for_event(self, event_type: str) -> tuple[Handler, ...]:
+        found = self._by_event_type.get(event_type)
+        if found is None:
+            found = tuple(h for h in self._by_name.values() if h.matches(event_type))
+            self._by_event_type[event_type] = found
+        return found
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+# The application's handlers, registered by the host's AppConfig.ready() (see plane/handlers.py).
+registry = HandlerRegistry()
+
+
+def handler(
+    *patterns: str, dispatch: Dispatch = "inline", name: str | None = None
+) -> Callable[[HandlerFunc], HandlerFunc]:
+    """Register a function in the application's registry: `@handler("issue.*")`."""
+
+    def register(func: HandlerFunc) -> HandlerFunc:
+        registry.add(func, patterns or ("*",), name=name, dispatch=dispatch)
+        return func
+
+    return register
