@@ -6,6 +6,11 @@ ORM inside its loop.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 # Keys of Django's OPTIONS that configure the Django backend, not libpq.
@@ -24,3 +29,196 @@ def conninfo_from_django(settings_dict: dict) -> str:
     options = settings_dict.get("OPTIONS") or {}
     params.update({k: v for k, v in options.items() if k not in DJANGO_ONLY_OPTIONS})
     return make_conninfo(**{k: str(v) for k, v in params.items() if v not in (None, "")})
+
+
+class DatabaseConnection:
+    """The relay's two connections and every statement it sends.
+
+    - The work connection claims a batch with `FOR UPDATE SKIP LOCKED` and keeps the
+      transaction open while the batch is handled; `finish_batch` records the outcome and
+      commits. Row locks belong to the session, so when a relay dies (even `kill -9`) PostgreSQL
+      rolls its transaction back and the rows are claimable again at once: nothing is stuck.
+    - The control connection (autocommit) listens for wake-ups and writes heartbeats.
+    """
+
+    def __init__(
+        self, conninfo: str, *, ordered: bool = True, application_name: str = "outbox_relay"
+    ):
+        self.conninfo = conninfo
+        self.ordered = ordered
+        self.application_name = application_name
+        self._work: psycopg.AsyncConnection | None = None
+        self._control: psycopg.AsyncConnection | None = None
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self.connect_work()
+        await self.connect_control()
+
+    async def connect_work(self) -> None:
+        await self._close(self._work)
+        self._work = await self._open(autocommit=False)
+
+    async def connect_control(self) -> None:
+        await self._close(self._control)
+        self._control = await self._open(autocommit=True)
+
+    async def _open(self, *, autocommit: bool) -> psycopg.AsyncConnection:
+        return await psycopg.AsyncConnection.connect(
+            self.conninfo,
+            autocommit=autocommit,
+            application_name=self.application_name,
+            connect_timeout=5,
+            # A peer that vanished without closing the socket is noticed within about 30 s.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=4,
+        )
+
+    @staticmethod
+    async def _close(conn: psycopg.AsyncConnection | None) -> None:
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        """Close both connections; an open batch transaction is rolled back, releasing its rows."""
+        await self._close(self._work)
+        await self._close(self._control)
+
+    @property
+    def work_ok(self) -> bool:
+        return self._work is not None and not self._work.closed and not self._work.broken
+
+    @property
+    def control_ok(self) -> bool:
+        return self._control is not None and not self._control.closed and not self._control.broken
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    async def fetch_and_lock_rows(self, batch_size: int) -> list[tuple]:
+        """Claim up to `batch_size` events and lock them until `finish_batch` or `rollback`.
+
+        Rows: (id, event_id, event_type, entity_type, entity_id, payload, created_at, attempts),
+        in id order. Ordered mode claims only events whose earlier events of the same entity
+        are all done: the pending head of each entity, plus that entity's following events.
+        """
+        query = CLAIM_ORDERED_SQL if self.ordered else CLAIM_UNORDERED_SQL
+        cursor = await self._work.execute(query, {"limit": batch_size}, prepare=True)
+        return await cursor.fetchall()
+
+    async def mark_processed(self, ids: Sequence[int]) -> bool:
+        """Mark events handled (the seed's call); part of the open batch transaction."""
+        if ids:
+            await self._work.execute(MARK_PROCESSED_SQL, (list(ids),), prepare=True)
+        return True
+
+    async def schedule_retries(self, retries: Sequence[tuple[int, float, str]]) -> None:
+        """(id, delay seconds, error): count the attempt, and hold the event until the delay."""
+        if retries:
+            ids, delays, errors = zip(*retries, strict=True)
+            await self._work.execute(RETRY_SQL, (list(ids), list(delays), list(errors)))
+
+    async def mark_failed(self, failures: Sequence[tuple[int, str]]) -> None:
+        """(id, error): dead-letter the events; they stay until replayed."""
+        if failures:
+            ids, errors = zip(*failures, strict=True)
+            await self._work.execute(FAIL_SQL, (list(ids), list(errors)))
+
+    async def commit(self) -> None:
+        await self._work.commit()
+
+    async def rollback(self) -> None:
+        if self.work_ok:
+            await self._work.rollback()
+
+    # -- wake-ups and heartbeats ---------------------------------------------------------------
+
+    async def listen(self, channel: str) -> None:
+        await self._control.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+    async def wait_for_notifications(self, timeout: float) -> int:
+        """How many notifications arrived within `timeout` seconds (returns at the first)."""
+        count = 0
+        async for _ in self._control.notifies(timeout=timeout, stop_after=1):
+            count += 1
+        return count
+
+    async def record_heartbeat(self, beat: Mapping[str, object]) -> None:
+        await self._control.execute(HEARTBEAT_SQL, beat)
+
+    async def remove_heartbeat(self, relay_id) -> None:
+        await self._control.execute("DELETE FROM outbox_relay WHERE relay_id = %s", (relay_id,))
+
+
+_PENDING = "o.processed_at IS NULL AND o.failed_at IS NULL"
+_COLUMNS = (
+    "o.id, o.event_id, o.event_type, o.entity_type, o.entity_id, o.payload, o.created_at, "
+    "o.attempts"
+)
+
+CLAIM_ORDERED_SQL = f"""
+WITH heads AS (
+    SELECT o.id, o.entity_id
+    FROM outbox AS o
+    WHERE {_PENDING} AND o.available_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox AS e
+          WHERE e.entity_id = o.entity_id AND e.id < o.id
+            AND e.processed_at IS NULL AND e.failed_at IS NULL)
+    ORDER BY o.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), batch AS (
+    SELECT o.id
+    FROM outbox AS o
+    WHERE {_PENDING} AND o.available_at <= now()
+      AND (o.id IN (SELECT id FROM heads)
+           OR o.entity_id IN (SELECT entity_id FROM heads WHERE entity_id IS NOT NULL))
+    ORDER BY o.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT {_COLUMNS} FROM outbox AS o JOIN batch USING (id) ORDER BY o.id
+"""
+
+CLAIM_UNORDERED_SQL = f"""
+SELECT {_COLUMNS}
+FROM outbox AS o
+WHERE {_PENDING} AND o.available_at <= now()
+ORDER BY o.id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+# clock_timestamp(), not now(): the batch transaction began at the claim, before the handlers.
+MARK_PROCESSED_SQL = "UPDATE outbox SET processed_at = clock_timestamp() WHERE id = ANY(%s)"
+
+RETRY_SQL = """
+UPDATE outbox AS o
+SET attempts = o.attempts + 1,
+    available_at = clock_timestamp() + make_interval(secs => r.delay),
+    last_error = r.error
+FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS r(id, delay, error)
+WHERE o.id = r.id
+"""
+
+FAIL_SQL = """
+UPDATE outbox AS o
+SET attempts = o.attempts + 1, failed_at = clock_timestamp(), last_error = r.error
+FROM unnest(%s::bigint[], %s::text[]) AS r(id, error)
+WHERE o.id = r.id
+"""
+
+HEARTBEAT_SQL = """
+INSERT INTO outbox_relay (relay_id, hostname, pid, started_at, last_seen_at,
+                          processed_count, failed_count, memory_mb, restarts)
+VALUES (%(relay_id)s, %(hostname)s, %(pid)s, %(started_at)s, now(),
+        %(processed_count)s, %(failed_count)s, %(memory_mb)s, %(restarts)s)
+ON CONFLICT (relay_id) DO UPDATE SET
+    hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, last_seen_at = now(),
+    processed_count = EXCLUDED.processed_count, failed_count = EXCLUDED.failed_count,
+    memory_mb = EXCLUDED.memory_mb, restarts = EXCLUDED.restarts
+"""

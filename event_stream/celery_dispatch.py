@@ -1,0 +1,303 @@
+"""The relay side of Celery dispatch: publish one task per event and handler, in bulk.
+
+The relay hands `CeleryPublisher.publish` a batch of `(handler, event_data)` pairs, from a thread
+(`asyncio.to_thread`). It returns only once the broker has accepted every message of the batch,
+or raises `PublishError`; the relay then keeps the rows unprocessed and backs off. At least once:
+a batch that failed half way is published again in full later, under the same task ids.
+
+Each message is an ordinary Celery protocol 2 task message for `event_stream.run_handler`
+(`app.amqp.as_task_v2`), which the worker task in `event_stream.tasks` executes. What makes it
+fast is how the messages reach the broker, over one long-lived connection:
+
+- Redis: all LPUSHes of a batch in one pipeline (kombu's publish batch); the pipeline returning
+  is the broker's acceptance.
+- AMQP (RabbitMQ): publisher confirms; the whole batch is written, then the confirms are awaited
+  together (one round trip per batch, not one per message).
+- Any other kombu transport: one `basic_publish` per message.
+
+No internal retry loop: the connection is opened with a bounded timeout and a single attempt,
+and any error closes it, so the next batch reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from celery.utils.nodenames import anon_nodename
+from kombu.serialization import dumps
+
+from event_stream.handlers import Handler
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger("event_stream.celery")
+
+TASK_NAME = "event_stream.run_handler"
+
+DEFAULT_CONNECT_TIMEOUT = 3.0  # seconds to open a broker connection
+DEFAULT_CONFIRM_TIMEOUT = 10.0  # seconds for the broker to accept a whole batch
+DEFAULT_CHUNK_SIZE = 1000  # messages per Redis pipeline / per wait for AMQP confirms
+
+# Body of every message: no callbacks, errbacks, chain or chord.
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class PublishError(Exception):
+    """The broker did not accept the batch (unreachable, timed out, refused, nacked).
+
+    Some messages of the batch may have been delivered: the relay must keep all rows of the batch
+    unprocessed and publish them again later (handlers deduplicate by `event_id`).
+    """
+
+
+def task_id_for(event_id: str, handler_name: str) -> str:
+    """The Celery task id of one event and handler: the same on every publication."""
+    return f"{event_id}:{handler_name}"
+
+
+def default_celery_app() -> Celery:
+    """The host project's Celery app: `settings.EVENT_STREAM_CELERY_APP`, or `celery_app.app`."""
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    return import_string(getattr(settings, "EVENT_STREAM_CELERY_APP", "celery_app.app"))
+
+
+class CeleryPublisher:
+    """Publishes `event_stream.run_handler` tasks in bulk over one long-lived connection.
+
+    Thread-safe (one batch at a time). Close it when the relay stops, or use it as a context
+    manager.
+    """
+
+    def __init__(
+        self,
+        app: Celery | None = None,
+        *,
+        queue: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if connect_timeout <= 0 or confirm_timeout <= 0:
+            raise ValueError("connect_timeout and confirm_timeout must be positive")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        self.app = app if app is not None else default_celery_app()
+        self.connect_timeout = connect_timeout
+        self.confirm_timeout = confirm_timeout
+        self.chunk_size = chunk_size
+        self._queue_name = queue
+        self._lock = threading.Lock()
+        self._origin = anon_nodename()
+        self._connection = None
+        self._channel = None
+        self._sender = None
+        self._exchange = ""
+        self._routing_key = ""
+        self._delivery_mode = 2
+
+    # -- public API -------------------------------------------------------------------------
+
+    def publish(self, batch: Iterable[tuple[Handler | str, dict[str, Any]]]) -> int:
+        """Publish one task per `(handler, event_data)` pair; return how many were accepted.
+
+        Returns only after the broker accepted all of them. Raises `PublishError` otherwise
+        (after closing the connection: the next call reconnects).
+        """
+        items = list(batch)
+        if not items:
+            return 0
+        with self._lock:
+            try:
+                sender = self._ensure_connected()
+                for start in range(0, len(items), self.chunk_size):
+                    sender(self._messages(items[start : start + self.chunk_size]))
+            except PublishError:
+                self._discard_connection()
+                raise
+            except Exception as exc:
+                self._discard_connection()
+                raise PublishError(f"broker did not accept {len(items)} task(s): {exc!r}") from exc
+        return len(items)
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard_connection()
+
+    def __enter__(self) -> CeleryPublisher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def queue_name(self) -> str:
+        if self._queue_name is None:
+            route = self.app.amqp.router.route({}, TASK_NAME)
+            self._queue_name = route["queue"].name
+        return self._queue_name
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _messages(self, items):
+        """(body, content_type, content_encoding, headers, properties) of each task."""
+        as_task = self.app.amqp.as_task_v2
+        origin = self._origin
+        for handler, event_data in items:
+            name = handler if isinstance(handler, str) else handler.name
+            event_id = event_data["event_id"]
+            task_id = task_id_for(event_id, name)
+            headers, properties, _, _ = as_task(
+                task_id,
+                TASK_NAME,
+                # Never the payload in logs and monitors: just what identifies the task.
+                argsrepr=f"({name!r}, <event {event_id} {event_data.get('event_type')}>)",
+                kwargsrepr="{}",
+                origin=origin,
+                ignore_result=True,
+            )
+            content_type, content_encoding, body = dumps(
+                ((name, event_data), {}, _EMBED), serializer="json"
+            )
+            properties["delivery_mode"] = self._delivery_mode
+            yield body, content_type, content_encoding, headers, properties
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _ensure_connected(self):
+        if self._sender is not None:
+            return self._sender
+        app = self.app
+        connection = app.connection_for_write(connect_timeout=self.connect_timeout)
+        self._connection = connection
+        # One attempt, bounded by connect_timeout: a dead broker raises here, quickly.
+        connection.ensure_connection(max_retries=0)
+        channel = connection.channel()
+        self._channel = channel
+        queue = app.amqp.queues[self.queue_name]
+        # The queue must exist before the first message (AMQP drops messages to a missing queue).
+        queue(channel).declare()
+        exchange_type = queue.exchange.type if queue.exchange is not None else "direct"
+        if exchange_type == "direct":
+            # As Celery does: the default exchange, routed by queue name.
+            self._exchange, self._routing_key = "", queue.name
+        else:
+            self._exchange = queue.exchange.name
+            self._routing_key = queue.routing_key or queue.name
+        mode = queue.exchange.delivery_mode if queue.exchange is not None else None
+        self._delivery_mode = mode or app.conf.task_default_delivery_mode or 2
+        if self._delivery_mode == "persistent":
+            self._delivery_mode = 2
+        elif self._delivery_mode == "transient":
+            self._delivery_mode = 1
+
+        if getattr(channel, "create_publish_batch", None) and getattr(
+            channel, "supports_batch_publish", False
+        ):
+            self._sender = self._send_pipelined
+        elif hasattr(channel, "confirm_select") and connection.transport.driver_type == "amqp":
+            self._setup_confirms(channel)
+            self._sender = self._send_confirmed
+        else:
+            self._sender = self._send_one_by_one
+        logger.debug(
+            "publisher connected to %s (%s), queue %r",
+            connection.as_uri(),
+            self._sender.__name__,
+            self.queue_name,
+        )
+        return self._sender
+
+    def _discard_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self._channel = None
+        self._sender = None
+        if connection is not None:
+            try:
+                connection.collect()  # drop sockets without talking to a broker that is gone
+            except Exception:  # pragma: no cover - best effort
+                logger.debug("error while dropping the broker connection", exc_info=True)
+
+    # -- senders ----------------------------------------------------------------------------
+
+    def _prepare(self, channel, message):
+        body, content_type, content_encoding, headers, properties = message
+        return channel.prepare_message(body, 0, content_type, content_encoding, headers, properties)
+
+    def _send_pipelined(self, messages) -> None:
+        """Redis: every LPUSH of the chunk in one pipeline; it returning is the acceptance."""
+        channel = self._channel
+        batch = channel.create_publish_batch(max_size=self.chunk_size + 1)
+        try:
+            for message in messages:
+                batch.publish(
+                    self._prepare(channel, message),
+                    exchange=self._exchange,
+                    routing_key=self._routing_key,
+                )
+            batch.flush()
+        except BaseException:
+            batch.discard()
+            raise
+        finally:
+            batch.close()
+
+    def _setup_confirms(self, channel) -> None:
+        channel.confirm_select()
+        self._next_tag = 1  # delivery tags of a confirm-mode channel count from 1
+        self._acked_upto = 0
+        self._nacked = False
+
+        def on_ack(delivery_tag, multiple):
+            self._acked_upto = max(self._acked_upto, delivery_tag)
+
+        def on_nack(delivery_tag, multiple):
+            self._nacked = True
+            self._acked_upto = max(self._acked_upto, delivery_tag)
+
+        channel.events["basic_ack"].add(on_ack)
+        channel.events["basic_nack"].add(on_nack)
+
+    def _send_confirmed(self, messages) -> None:
+        """AMQP: publish the chunk, then wait for the broker to confirm all of it."""
+        channel = self._channel
+        publish = channel.basic_publish
+        self._nacked = False
+        for message in messages:
+            publish(
+                self._prepare(channel, message),
+                exchange=self._exchange,
+                routing_key=self._routing_key,
+            )
+            self._next_tag += 1
+        last = self._next_tag - 1
+        deadline = time.monotonic() + self.confirm_timeout
+        while self._acked_upto < last:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishError(
+                    f"broker did not confirm the batch within {self.confirm_timeout}s"
+                )
+            try:
+                self._connection.drain_events(timeout=remaining)
+            except TimeoutError as exc:
+                raise PublishError(
+                    f"broker did not confirm the batch within {self.confirm_timeout}s"
+                ) from exc
+        if self._nacked:
+            raise PublishError("broker refused (nacked) messages of the batch")
+
+    def _send_one_by_one(self, messages) -> None:
+        channel = self._channel
+        for message in messages:
+            channel.basic_publish(
+                self._prepare(channel, message),
+                exchange=self._exchange,
+                routing_key=self._routing_key,
+            )

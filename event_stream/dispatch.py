@@ -1,0 +1,181 @@
+"""Dispatch: running one claimed batch through its handlers, and deciding each event's fate.
+
+The batch runs in a worker thread, so a slow sync handler never freezes the relay's event loop
+(signals, wake-ups and heartbeats go on); async handlers are run on the loop from that thread.
+Each entity's events are handled in order, and an event that fails holds back the later events
+of its own entity only. Handlers dispatched to Celery are published in one go at the end of
+the batch; an event is done only when its inline handlers succeeded and its tasks were accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from event_stream.events import EventData, make_event_data
+from event_stream.handlers import Handler, HandlerRegistry
+
+logger = logging.getLogger("event_stream.dispatch")
+
+MALFORMED_PAYLOAD = "malformed event: payload is not a JSON object"
+
+
+class Publisher(Protocol):
+    """Sends Celery tasks; raises when the broker did not accept all of them."""
+
+    def publish(self, messages: Sequence[tuple[Handler, EventData]]) -> None: ...
+
+
+@dataclass
+class BatchOutcome:
+    processed: list[int] = field(default_factory=list)
+    retries: list[tuple[int, float, str]] = field(default_factory=list)  # id, delay, error
+    failures: list[tuple[int, str]] = field(default_factory=list)  # id, error (dead letter)
+    held: list[int] = field(default_factory=list)  # untouched; claimed again later
+    publish_error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    base_delay: float
+    max_delay: float
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Exponential backoff with jitter: half to all of base * 2^(attempt-1), capped."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** min(attempt - 1, 30))
+        return ceiling * (0.5 + rand() / 2)
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        retry: RetryPolicy,
+        publisher: Publisher | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
+        self.registry = registry
+        self.retry = retry
+        self.publisher = publisher
+        self.loop = loop
+
+    def run(self, rows: Sequence[tuple]) -> BatchOutcome:
+        """Handle rows (id, event_id, event_type, entity_type, entity_id, payload, created_at,
+        attempts), in id order."""
+        outcome = BatchOutcome()
+        blocked: set = set()  # entities with an earlier event not done in this batch
+        entity_of: dict[int, object] = {}
+        to_publish: list[tuple[Handler, EventData]] = []
+        publish_ids: list[int] = []
+
+        for row in rows:
+            event_id, entity_id, attempts = row[0], row[4], row[7]
+            entity_of[event_id] = entity_id
+            if entity_id is not None and entity_id in blocked:
+                outcome.held.append(event_id)
+                continue
+            if not isinstance(row[5], dict):
+                # Retrying cannot fix it: dead-letter at once, without running handlers.
+                outcome.failures.append((event_id, MALFORMED_PAYLOAD))
+                continue
+            event = _event_data(row)
+            handlers = self.registry.for_event(event["event_type"])
+            error = self._run_inline(handlers, event)
+            if error is not None:
+                self._schedule_retry_or_fail(outcome, event_id, attempts + 1, error)
+                if entity_id is not None:
+                    blocked.add(entity_id)
+                continue
+            celery = [(h, event) for h in handlers if h.dispatch == "celery"]
+            if celery:
+                to_publish.extend(celery)
+                publish_ids.append(event_id)
+            else:
+                outcome.processed.append(event_id)
+
+        if to_publish:
+            self._publish(outcome, to_publish, publish_ids, entity_of)
+        return outcome
+
+    def _run_inline(self, handlers: Sequence[Handler], event: EventData) -> str | None:
+        for handler in handlers:
+            if handler.dispatch != "inline":
+                continue
+            try:
+                self._call(handler, event)
+            except Exception as exc:
+                logger.warning(
+                    "handler %s failed on event %s (%s): %s: %s",
+                    handler.name, event["id"], event["event_type"], type(exc).__name__, exc,
+                )  # fmt: skip
+                return f"{handler.name}: {type(exc).__name__}: {exc}"
+        return None
+
+    def _call(self, handler: Handler, event: EventData) -> None:
+        if not handler.is_async:
+            handler.func(event)
+        elif self.loop is not None:
+            asyncio.run_coroutine_threadsafe(handler.func(event), self.loop).result()
+        else:
+            asyncio.run(handler.func(event))
+
+    def _schedule_retry_or_fail(
+        self, outcome: BatchOutcome, event_id: int, attempt: int, error: str
+    ) -> None:
+        if attempt >= self.retry.max_attempts:
+            outcome.failures.append((event_id, error))
+        else:
+            outcome.retries.append((event_id, self.retry.delay(attempt), error))
+
+    def _publish(
+        self,
+        outcome: BatchOutcome,
+        messages: list[tuple[Handler, EventData]],
+        publish_ids: list[int],
+        entity_of: dict[int, object],
+    ) -> None:
+        if self.publisher is None:
+            outcome.publish_error = RuntimeError("a handler wants Celery, but no publisher is set")
+        else:
+            try:
+                self.publisher.publish(messages)
+            except Exception as exc:
+                outcome.publish_error = exc
+        if outcome.publish_error is None:
+            outcome.processed.extend(publish_ids)
+            outcome.processed.sort()
+            return
+        # Not published: those events stay pending, untouched (the broker is at fault, not the
+        # event), and so do the later events of their entities, to keep the order.
+        first_unsent: dict[object, int] = {}
+        for event_id in publish_ids:
+            key = entity_of[event_id] if entity_of[event_id] is not None else ("event", event_id)
+            first_unsent.setdefault(key, event_id)
+        outcome.held.extend(publish_ids)
+        still_done = []
+        for event_id in outcome.processed:
+            entity = entity_of[event_id]
+            if entity in first_unsent and event_id > first_unsent[entity]:
+                outcome.held.append(event_id)
+            else:
+                still_done.append(event_id)
+        outcome.processed = still_done
+        outcome.held.sort()
+
+
+def _event_data(row: tuple) -> EventData:
+    return make_event_data(
+        id=row[0],
+        event_id=row[1],
+        event_type=row[2],
+        entity_type=row[3],
+        entity_id=row[4],
+        payload=row[5],
+        created_at=row[6],
+        attempts=row[7],
+    )

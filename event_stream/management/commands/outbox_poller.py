@@ -1,0 +1,29 @@
+"""`python manage.py outbox_poller`: parse and validate the flags, then run the relay."""
+
+from __future__ import annotations
+
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+
+from event_stream.service import OutboxEventService
+from event_stream.settings import OPTIONS, ConfigError, load_settings
+
+
+class Command(BaseCommand):
+    help = "Relay outbox events to their handlers (inline or Celery) until SIGTERM/SIGINT."
+
+    def add_arguments(self, parser):
+        # Values stay text here: load_settings validates them and names the culprit.
+        for option in OPTIONS:
+            parser.add_argument(option.flag, dest=option.field, default=None, metavar="VALUE",
+                                help=f"{option.help} [env {option.env}]")  # fmt: skip
+
+    def handle(self, *args, **options):
+        try:
+            settings = load_settings({o.field: options.get(o.field) for o in OPTIONS})
+        except ConfigError as exc:
+            raise CommandError(str(exc), returncode=2) from None
+        status = OutboxEventService(settings).start()
+        if status:
+            sys.exit(status)

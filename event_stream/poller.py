@@ -1,0 +1,388 @@
+"""The outbox poller: claims batches, hands them to their handlers, records the outcome.
+
+One loop around a stop event. It wakes on whichever comes first: a NOTIFY from the outbox
+trigger, the adaptive polling interval (the seed's fallback when notifications are lost), or the
+stop event. Side tasks (the listener, which also writes heartbeats) are named, watched, and
+cancelled on exit with their errors logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from event_stream.capture import NOTIFY_CHANNEL
+from event_stream.database import DatabaseConnection
+from event_stream.dispatch import BatchOutcome, BatchRunner, Publisher, RetryPolicy
+from event_stream.handlers import Dispatch, Handler, HandlerFunc, HandlerRegistry
+from event_stream.memory import MemoryMonitor
+from event_stream.settings import RelaySettings
+
+logger = logging.getLogger("event_stream.poller")
+
+RECONNECT_BACKOFF_MIN = 0.1
+RECONNECT_BACKOFF_MAX = 10.0
+
+
+class StopReason(enum.Enum):
+    STOPPED = "stopped"  # a signal or stop(): exit 0
+    RESTART = "restart"  # over the memory limit: restart in place
+    ABORTED = "aborted"  # a second signal: stopped at once
+
+
+class OutboxPoller:
+    def __init__(
+        self,
+        batch_size: int = 250,
+        interval_min: float = 0.25,
+        interval_max: float = 2.0,
+        memory_limit_mb: int = 500,
+        memory_check_interval: float = 30,
+        *,
+        settings: RelaySettings | None = None,
+        database: DatabaseConnection | None = None,
+        conninfo: str | None = None,
+        registry: HandlerRegistry | None = None,
+        publisher: Publisher | None = None,
+        relay_id: uuid.UUID | None = None,
+        restarts: int = 0,
+        after_batch=None,
+    ):
+        self.settings = settings or RelaySettings(
+            batch_size=batch_size,
+            interval_min=interval_min,
+            interval_max=interval_max,
+            memory_limit_mb=memory_limit_mb,
+            memory_check_interval=memory_check_interval,
+        )
+        if database is None:
+            if conninfo is None:
+                raise ValueError("OutboxPoller needs a database or a conninfo")
+            database = DatabaseConnection(conninfo, ordered=self.settings.ordered)
+        self.db = database
+        self.registry = registry if registry is not None else HandlerRegistry()
+        self.publisher = publisher
+        self.retry = RetryPolicy(
+            self.settings.max_attempts,
+            self.settings.retry_base_delay,
+            self.settings.retry_max_delay,
+        )
+        self.memory = MemoryMonitor(
+            self.settings.memory_limit_mb, self.settings.memory_check_interval
+        )
+        self.relay_id = relay_id or uuid.uuid4()
+        self.restarts = restarts
+        self.started_at = time.time()
+        self.processed_count = 0
+        self.failed_count = 0
+        self.batches = 0
+        self._stop = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._error_backoff = 0.0
+        # Called in the handler thread after each batch (the service closes stale Django
+        # connections there).
+        self._after_batch = after_batch
+        self._handler_thread: HandlerThread | None = None
+
+    # -- registration --------------------------------------------------------------------------
+
+    def add_handler(
+        self,
+        func: HandlerFunc,
+        patterns: Iterable[str] | str = ("*",),
+        *,
+        name: str | None = None,
+        dispatch: Dispatch = "inline",
+    ) -> Handler:
+        """Register a handler: every event by default, or the event types matching patterns."""
+        return self.registry.add(func, patterns, name=name, dispatch=dispatch)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """No new claims; the batch in flight is finished (or released after the timeout)."""
+        self._stop.set()
+        self._wakeup.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> StopReason:
+        """Run until stopped; returns why. Closes its connections before returning."""
+        side_tasks: list[asyncio.Task] = []
+        self._handler_thread = HandlerThread(self._after_batch)
+        try:
+            if not await self._connect_with_backoff(self.db.connect_work):
+                return StopReason.STOPPED
+            listener = asyncio.create_task(self._listen_and_beat(), name="outbox-listener")
+            side_tasks.append(listener)
+            return await self._loop()
+        finally:
+            for task in side_tasks:
+                task.cancel()
+            for task in side_tasks:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    logger.exception("side task %s failed", task.get_name())
+            self._handler_thread.close()
+            await self._say_goodbye()
+            await self.db.close()
+
+    async def _loop(self) -> StopReason:
+        interval = self.settings.interval_min
+        while not self.stopping:
+            self._wakeup.clear()
+            claimed = await self._process_one_batch()
+            if self.memory.over_limit():
+                logger.warning(
+                    "memory %.0f MB is over the limit of %d MB: restarting in place",
+                    self.memory.last_mb, self.settings.memory_limit_mb,
+                )  # fmt: skip
+                return StopReason.RESTART
+            if claimed >= self.settings.batch_size:
+                interval = self.settings.interval_min
+                continue  # more is waiting: no pause
+            if claimed:
+                interval = self.settings.interval_min
+            await self._sleep(interval)
+            interval = min(interval * 2, self.settings.interval_max)
+        return StopReason.STOPPED
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until a notification, the stop event, or `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
+
+    async def _back_off(self, seconds: float) -> None:
+        """Until the stop event or `seconds`: new events do not cut an error's pause short."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    # -- one batch -----------------------------------------------------------------------------
+
+    async def _process_one_batch(self) -> int:
+        """Claim, handle and record one batch; returns how many events were claimed."""
+        try:
+            if not self.db.work_ok and not await self._connect_with_backoff(self.db.connect_work):
+                return 0
+            rows = await self.db.fetch_and_lock_rows(self.settings.batch_size)
+            if not rows:
+                await self.db.commit()
+                return 0
+            outcome = await self._handle(rows)
+            await self._record(outcome)
+            self.batches += 1
+            return len(rows)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The transaction is gone with the connection (or rolled back): every claimed row
+            # is pending again, and handled again later. At least once, nothing lost.
+            logger.warning("batch aborted, rows released: %s: %s", type(exc).__name__, exc)
+            await self._safe_rollback()
+            await self._pause_after_error()
+            return 0
+
+    async def _handle(self, rows: list[tuple]) -> BatchOutcome:
+        runner = BatchRunner(self.registry, self.retry, self.publisher, asyncio.get_running_loop())
+        return await self._handler_thread.run(runner.run, rows)
+
+    async def _record(self, outcome: BatchOutcome) -> None:
+        await self.db.mark_processed(outcome.processed)
+        await self.db.schedule_retries(outcome.retries)
+        await self.db.mark_failed(outcome.failures)
+        await self.db.commit()
+        if outcome.publish_error is None:
+            self._error_backoff = 0.0
+        self.processed_count += len(outcome.processed)
+        self.failed_count += len(outcome.failures)
+        if outcome.publish_error is not None:
+            logger.warning(
+                "broker did not accept the batch's tasks; %d events stay pending: %s",
+                len(outcome.held), outcome.publish_error,
+            )  # fmt: skip
+            await self._pause_after_error()
+
+    async def _safe_rollback(self) -> None:
+        try:
+            await self.db.rollback()
+        except Exception:
+            await self.db.close_work()
+
+    async def _pause_after_error(self) -> None:
+        """Exponential backoff across consecutive failed batches (database or broker)."""
+        self._error_backoff = min(
+            RECONNECT_BACKOFF_MAX, max(RECONNECT_BACKOFF_MIN, self._error_backoff * 2)
+        )
+        await self._back_off(self._error_backoff)
+
+    async def _connect_with_backoff(self, connect) -> bool:
+        """Connect, retrying with backoff until it works (True) or the relay stops (False)."""
+        delay = RECONNECT_BACKOFF_MIN
+        while not self.stopping:
+            try:
+                await connect()
+                return True
+            except Exception as exc:
+                logger.warning("database unreachable (%s); retrying in %.1fs", exc, delay)
+                await self._back_off(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+        return False
+
+    # -- the listener and heartbeats -----------------------------------------------------------
+
+    async def _listen_and_beat(self) -> None:
+        """Keep LISTEN on the control connection (restored after any reconnect) and record a
+        heartbeat every `heartbeat_interval`. A wake-up is a hint; polling still finds all."""
+        next_beat = 0.0
+        while True:
+            try:
+                if not self.db.control_ok:
+                    if not await self._connect_with_backoff(self.db.connect_control):
+                        return
+                    await self.db.listen(NOTIFY_CHANNEL)
+                    self._wakeup.set()  # notifications may have been missed meanwhile
+                if time.monotonic() >= next_beat:
+                    await self.db.record_heartbeat(self.heartbeat())
+                    next_beat = time.monotonic() + self.settings.heartbeat_interval
+                wait = max(0.05, min(1.0, next_beat - time.monotonic()))
+                if await self.db.wait_for_notifications(wait):
+                    self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("listener connection lost (%s); reconnecting", exc)
+                await self.db.close_control()
+                await asyncio.sleep(RECONNECT_BACKOFF_MIN)
+
+    def heartbeat(self) -> dict[str, Any]:
+        return {
+            "relay_id": self.relay_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": _utc(self.started_at),
+            "processed_count": self.processed_count,
+            "failed_count": self.failed_count,
+            "memory_mb": round(self.memory.last_mb, 1),
+            "restarts": self.restarts,
+        }
+
+    async def _say_goodbye(self) -> None:
+        """A relay that stops cleanly leaves the list of live relays at once."""
+        try:
+            if self.db.control_ok:
+                await self.db.remove_heartbeat(self.relay_id)
+        except Exception as exc:
+            logger.debug("could not remove heartbeat: %s", exc)
+
+
+def _utc(timestamp: float):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+
+
+class HandlerThread:
+    """One long-lived daemon thread that runs the batches' handlers, one batch at a time.
+
+    Long-lived, so thread-bound resources of handlers (Django's connection) are reused across
+    batches. Daemon, and not the default executor (whose threads are joined at interpreter
+    exit), so a stuck handler cannot keep a relay that was told to stop from exiting.
+    """
+
+    def __init__(self, after_batch=None):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._after_batch = after_batch
+        self._thread = threading.Thread(target=self._serve, name="outbox-handlers", daemon=True)
+        self._thread.start()
+
+    async def run(self, func, *args):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future, func, args))
+        return await future
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, func, args = job
+            try:
+                result = func(*args)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+            finally:
+                if self._after_batch is not None:
+                    try:
+                        self._after_batch()
+                    except Exception:
+                        logger.exception("after-batch hook failed")
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.done():  # the relay stopped waiting (aborted)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def run_until_signalled(poller: OutboxPoller, *, install_signal_handlers: bool = True):
+    """Run the poller; the first SIGTERM/SIGINT stops it gracefully, a second one at once.
+
+    Graceful: no new claims, the batch in flight finishes, or is released when it takes longer
+    than the shutdown timeout. At once: the batch is abandoned and its rows released by the
+    rollback. Either way nothing is lost. Signal handlers are restored on exit.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.create_task(poller.run(), name="outbox-poller")
+    signals = (signal.SIGTERM, signal.SIGINT)
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            logger.info("received %s: finishing the batch in flight, then stopping",
+                        signal.Signals(signum).name)  # fmt: skip
+            poller.stop()
+            loop.call_later(poller.settings.shutdown_timeout, abort, "shutdown timeout")
+        else:
+            abort("second signal")
+
+    def abort(why: str) -> None:
+        if not main.done():
+            logger.warning("stopping at once (%s); claimed events are released", why)
+            main.cancel()
+
+    if install_signal_handlers:
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not (main.cancelled() and received):
+            raise
+        return StopReason.ABORTED if len(received) > 1 else StopReason.STOPPED
+    finally:
+        if install_signal_handlers:
+            for sig in signals:
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,123 @@
+"""The production service: builds the relay from Django's settings and runs it until signalled.
+
+    python -m event_stream.service          # or: python manage.py outbox_poller [flags]
+
+Over its memory limit the relay restarts itself in place (`exec` of the same command line, same
+pid), keeping its relay id and counting the restart in its heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+
+from event_stream.handlers import HandlerRegistry
+from event_stream.poller import OutboxPoller, StopReason, run_until_signalled
+from event_stream.settings import RelaySettings, load_settings
+
+logger = logging.getLogger("event_stream")
+
+RELAY_ID_ENV = "OUTBOX_RELAY_ID"
+RESTARTS_ENV = "OUTBOX_RELAY_RESTARTS"
+
+EXIT_OK = 0
+EXIT_ABORTED = 1
+
+
+class OutboxEventService:
+    def __init__(
+        self,
+        settings: RelaySettings | None = None,
+        *,
+        registry: HandlerRegistry | None = None,
+        database_alias: str = "default",
+        install_signal_handlers: bool = True,
+    ):
+        self.settings = settings or load_settings()
+        self.registry = registry
+        self.database_alias = database_alias
+        self.install_signal_handlers = install_signal_handlers
+
+    def build_poller(self) -> OutboxPoller:
+        from django.db import close_old_connections, connections
+
+        from event_stream.database import conninfo_from_django
+        from event_stream.handlers import registry as app_registry
+
+        registry = self.registry if self.registry is not None else app_registry
+        return OutboxPoller(
+            settings=self.settings,
+            conninfo=conninfo_from_django(connections[self.database_alias].settings_dict),
+            registry=registry,
+            publisher=make_publisher(registry),
+            relay_id=_relay_id_from_env(),
+            restarts=int(os.environ.get(RESTARTS_ENV, "0") or 0),
+            # Handlers using the ORM share the handler thread's connection; drop it when stale.
+            after_batch=close_old_connections,
+        )
+
+    def start(self) -> int:
+        """Run until stopped; returns the exit status. Restarts in place when over memory."""
+        poller = self.build_poller()
+        logger.info(
+            "relay %s starting: batch %d, interval %.2f-%.2fs, %d handlers, ordered=%s",
+            poller.relay_id, self.settings.batch_size, self.settings.interval_min,
+            self.settings.interval_max, len(poller.registry), self.settings.ordered,
+        )  # fmt: skip
+        reason = asyncio.run(
+            run_until_signalled(poller, install_signal_handlers=self.install_signal_handlers)
+        )
+        logger.info(
+            "relay %s %s after %d events (%d failed)",
+            poller.relay_id, reason.value, poller.processed_count, poller.failed_count,
+        )  # fmt: skip
+        if reason is StopReason.RESTART:
+            restart_in_place(poller)
+        return EXIT_ABORTED if reason is StopReason.ABORTED else EXIT_OK
+
+
+def make_publisher(registry: HandlerRegistry):
+    """A Celery publisher when some handler is dispatched to Celery, else None."""
+    if not any(h.dispatch == "celery" for h in registry):
+        return None
+    from event_stream.celery_dispatch import CeleryPublisher
+
+    return CeleryPublisher()
+
+
+def restart_in_place(poller: OutboxPoller) -> None:
+    """Replace this process with a fresh run of the same command line (fresh memory)."""
+    os.environ[RELAY_ID_ENV] = str(poller.relay_id)
+    os.environ[RESTARTS_ENV] = str(poller.restarts + 1)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _relay_id_from_env() -> uuid.UUID | None:
+    value = os.environ.get(RELAY_ID_ENV)
+    return uuid.UUID(value) if value else None
+
+
+def main() -> None:
+    """`python -m event_stream.service`, configured by the OUTBOX_POLLER_* variables."""
+    import django
+
+    from event_stream.settings import ConfigError
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "plane.settings")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"outbox relay: {exc}", file=sys.stderr)
+        sys.exit(2)
+    django.setup()
+    sys.exit(OutboxEventService(settings).start())
+
+
+if __name__ == "__main__":
+    main()
