@@ -9,8 +9,8 @@ Each message is an ordinary Celery protocol 2 task message for `event_stream.run
 (`app.amqp.as_task_v2`), which the worker task in `event_stream.tasks` executes. What makes it
 fast is how the messages reach the broker, over one long-lived connection:
 
-- Redis: all LPUSHes of a batch in one pipeline (kombu's publish batch); the pipeline returning
-  is the broker's acceptance.
+- Redis: the messages of a batch pushed by one LPUSH (kombu's message format, see
+  `_send_redis`); its reply is the broker's acceptance.
 - AMQP (RabbitMQ): publisher confirms; the whole batch is written, then the confirms are awaited
   together (one round trip per batch, not one per message).
 - Any other kombu transport: one `basic_publish` per message.
@@ -21,13 +21,16 @@ and any error closes it, so the next batch reconnects.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
+from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps
 
 from event_stream.handlers import Handler
@@ -176,6 +179,17 @@ class CeleryPublisher:
         app = self.app
         connection = app.connection_for_write(connect_timeout=self.connect_timeout)
         self._connection = connection
+        driver = connection.transport.driver_type
+        # Bounded waits everywhere: a broker that stops answering raises instead of hanging.
+        if driver == "redis":
+            connection.transport_options.update(
+                socket_connect_timeout=self.connect_timeout, socket_timeout=self.confirm_timeout
+            )
+        elif driver == "amqp":
+            # Confirms are awaited per batch here, not per message by the channel.
+            connection.transport_options.update(
+                confirm_publish=False, write_timeout=self.confirm_timeout
+            )
         # One attempt, bounded by connect_timeout: a dead broker raises here, quickly.
         connection.ensure_connection(max_retries=0)
         channel = connection.channel()
@@ -190,18 +204,15 @@ class CeleryPublisher:
         else:
             self._exchange = queue.exchange.name
             self._routing_key = queue.routing_key or queue.name
-        mode = queue.exchange.delivery_mode if queue.exchange is not None else None
-        self._delivery_mode = mode or app.conf.task_default_delivery_mode or 2
-        if self._delivery_mode == "persistent":
-            self._delivery_mode = 2
-        elif self._delivery_mode == "transient":
-            self._delivery_mode = 1
+        self._delivery_mode = maybe_delivery_mode(
+            queue.exchange.delivery_mode or app.conf.task_default_delivery_mode
+        )
 
-        if getattr(channel, "create_publish_batch", None) and getattr(
-            channel, "supports_batch_publish", False
-        ):
-            self._sender = self._send_pipelined
-        elif hasattr(channel, "confirm_select") and connection.transport.driver_type == "amqp":
+        if driver == "redis" and self._exchange == "":
+            # The default exchange routes by queue name: the Redis list of the queue.
+            self._redis_key = self._routing_key
+            self._sender = self._send_redis
+        elif driver == "amqp":
             self._setup_confirms(channel)
             self._sender = self._send_confirmed
         else:
@@ -230,23 +241,34 @@ class CeleryPublisher:
         body, content_type, content_encoding, headers, properties = message
         return channel.prepare_message(body, 0, content_type, content_encoding, headers, properties)
 
-    def _send_pipelined(self, messages) -> None:
-        """Redis: every LPUSH of the chunk in one pipeline; it returning is the acceptance."""
+    def _send_redis(self, messages) -> None:
+        """Redis: the whole chunk in one variadic LPUSH; its reply is the acceptance.
+
+        Each entry is exactly what kombu's Redis channel would push for that message (see
+        `kombu.transport.virtual.Channel.basic_publish`): the prepared message with its body
+        encoded as the channel says, its routing, and a fresh delivery tag. One command instead
+        of one per message; LPUSH with several values keeps their order for the consumer.
+        """
         channel = self._channel
-        batch = channel.create_publish_batch(max_size=self.chunk_size + 1)
-        try:
-            for message in messages:
-                batch.publish(
-                    self._prepare(channel, message),
-                    exchange=self._exchange,
-                    routing_key=self._routing_key,
-                )
-            batch.flush()
-        except BaseException:
-            batch.discard()
-            raise
-        finally:
-            batch.close()
+        encoding = channel.body_encoding
+        delivery_info = {"exchange": self._exchange, "routing_key": self._routing_key}
+        payloads = []
+        for message in messages:
+            prepared = self._prepare(channel, message)
+            body, body_encoding = channel.encode_body(prepared.pop("body"), encoding)
+            properties = prepared["properties"]
+            properties["body_encoding"] = body_encoding
+            properties["delivery_tag"] = str(uuid.uuid4())
+            properties["delivery_info"] = dict(delivery_info)
+            if body_encoding == "base64":
+                # Base64 needs no JSON escaping: splice the (large) body in instead of encoding
+                # it a second time. Same JSON document as json.dumps({"body": body, ...}).
+                payloads.append(f'{{"body": "{body}", {json.dumps(prepared)[1:]}')
+            else:
+                prepared["body"] = body
+                payloads.append(json.dumps(prepared))
+        with channel.conn_or_acquire() as client:
+            client.lpush(self._redis_key, *payloads)
 
     def _setup_confirms(self, channel) -> None:
         channel.confirm_select()

@@ -83,6 +83,12 @@ class DatabaseConnection:
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    async def close_work(self) -> None:
+        await self._close(self._work)
+
+    async def close_control(self) -> None:
+        await self._close(self._control)
+
     async def close(self) -> None:
         """Close both connections; an open batch transaction is rolled back, releasing its rows."""
         await self._close(self._work)

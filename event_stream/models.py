@@ -104,3 +104,22 @@ class RelayHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"relay {self.hostname}:{self.pid}"
+
+
+class QueueCheck(models.Model):
+    """What beat's minute-by-minute queue-depth check saw (`event_stream.check_queue_depth`)."""
+
+    STATUSES = [("healthy", "healthy"), ("warning", "warning"), ("critical", "critical")]
+
+    checked_at = models.DateTimeField(db_default=Now(), db_index=True)
+    pending = models.BigIntegerField()
+    failed = models.BigIntegerField()
+    oldest_pending_age_seconds = models.FloatField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=STATUSES)
+
+    class Meta:
+        db_table = "outbox_queue_check"
+        ordering = ["-checked_at"]
+
+    def __str__(self) -> str:
+        return f"{self.status} at {self.checked_at:%Y-%m-%d %H:%M:%S}: {self.pending} pending"

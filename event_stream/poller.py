@@ -126,9 +126,8 @@ class OutboxPoller:
         try:
             if not await self._connect_with_backoff(self.db.connect_work):
                 return StopReason.STOPPED
-            listener = asyncio.create_task(self._listen_and_beat(), name="outbox-listener")
-            side_tasks.append(listener)
-            return await self._loop()
+            side_tasks.append(self._start_listener())
+            return await self._loop(side_tasks)
         finally:
             for task in side_tasks:
                 task.cancel()
@@ -143,22 +142,37 @@ class OutboxPoller:
             await self._say_goodbye()
             await self.db.close()
 
-    async def _loop(self) -> StopReason:
+    def _start_listener(self) -> asyncio.Task:
+        return asyncio.create_task(self._listen_and_beat(), name="outbox-listener")
+
+    def _watch(self, side_tasks: list[asyncio.Task]) -> None:
+        """A side task that died is logged and started again: no silent loss of wake-ups."""
+        listener = side_tasks[0]
+        if listener.done() and not listener.cancelled():
+            logger.error(
+                "listener stopped unexpectedly; restarting it", exc_info=listener.exception()
+            )
+            side_tasks[0] = self._start_listener()
+
+    async def _loop(self, side_tasks: list[asyncio.Task]) -> StopReason:
         interval = self.settings.interval_min
         while not self.stopping:
+            self._watch(side_tasks)
             self._wakeup.clear()
             claimed = await self._process_one_batch()
+            if claimed is None:
+                continue  # the batch failed and the error backoff was the pause: try again
             if self.memory.over_limit():
                 logger.warning(
                     "memory %.0f MB is over the limit of %d MB: restarting in place",
                     self.memory.last_mb, self.settings.memory_limit_mb,
                 )  # fmt: skip
                 return StopReason.RESTART
-            if claimed >= self.settings.batch_size:
-                interval = self.settings.interval_min
-                continue  # more is waiting: no pause
             if claimed:
+                # More may be waiting (a short batch can mean other relays hold the rest):
+                # claim again at once; only an empty claim means the queue is drained.
                 interval = self.settings.interval_min
+                continue
             await self._sleep(interval)
             interval = min(interval * 2, self.settings.interval_max)
         return StopReason.STOPPED
@@ -175,11 +189,12 @@ class OutboxPoller:
 
     # -- one batch -----------------------------------------------------------------------------
 
-    async def _process_one_batch(self) -> int:
-        """Claim, handle and record one batch; returns how many events were claimed."""
+    async def _process_one_batch(self) -> int | None:
+        """Claim, handle and record one batch; returns how many events were claimed, or None
+        when the batch failed (its rows released) and the caller should try again."""
         try:
             if not self.db.work_ok and not await self._connect_with_backoff(self.db.connect_work):
-                return 0
+                return None
             rows = await self.db.fetch_and_lock_rows(self.settings.batch_size)
             if not rows:
                 await self.db.commit()
@@ -196,7 +211,7 @@ class OutboxPoller:
             logger.warning("batch aborted, rows released: %s: %s", type(exc).__name__, exc)
             await self._safe_rollback()
             await self._pause_after_error()
-            return 0
+            return None
 
     async def _handle(self, rows: list[tuple]) -> BatchOutcome:
         runner = BatchRunner(self.registry, self.retry, self.publisher, asyncio.get_running_loop())

@@ -1,0 +1,228 @@
+"""Celery tasks: running a handler in a worker, and beat's cleanup and queue-depth check.
+
+`event_stream.run_handler(handler_name, event_data)` is what the relay publishes (see
+`celery_dispatch`) for each event and handler dispatched to Celery. The name is looked up in the
+application's handler registry, never imported: a message naming anything else (an import path
+such as "os.system" included) is logged and dropped. A failing handler is retried with
+exponential backoff and jitter; when the retries run out, the outbox row is dead-lettered
+(`failed_at`, `last_error`) so that health, `outbox_status` and the admin show it and
+`outbox_replay` can put it back.
+
+Settings, read when a task runs:
+
+    OUTBOX_CELERY_MAX_RETRIES        retries after the first failure (default 5)
+    OUTBOX_CELERY_RETRY_BACKOFF      first retry delay in seconds, doubling (default 2)
+    OUTBOX_CELERY_RETRY_BACKOFF_MAX  longest retry delay in seconds (default 600)
+    OUTBOX_RETENTION_DAYS            processed rows older than this are deleted (default 7)
+
+With Redis, keep OUTBOX_CELERY_RETRY_BACKOFF_MAX below the broker's visibility timeout, or a
+delayed retry is delivered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import inspect
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+from celery import shared_task
+from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from event_stream.celery_dispatch import TASK_NAME
+from event_stream.handlers import registry
+
+logger = logging.getLogger("event_stream.celery")
+
+CLEANUP_TASK_NAME = "event_stream.cleanup_processed"
+QUEUE_CHECK_TASK_NAME = "event_stream.check_queue_depth"
+CLEANUP_CHUNK_SIZE = 10_000  # ids per DELETE
+MAX_ERROR_LENGTH = 4_000
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    max_retries: int = 5
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 600.0
+    retention_days: int = 7
+
+    def retry_delay(self, retries: int, rand=random.random) -> float:
+        """Delay before retry number `retries + 1`: half to all of base * 2^retries, capped."""
+        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2 ** min(retries, 30))
+        return ceiling * (0.5 + rand() / 2)
+
+
+_ENV = {
+    "max_retries": ("OUTBOX_CELERY_MAX_RETRIES", int, 0, "an integer, 0 or more"),
+    "retry_backoff": ("OUTBOX_CELERY_RETRY_BACKOFF", float, 0, "a number of seconds, 0 or more"),
+    "retry_backoff_max": (
+        "OUTBOX_CELERY_RETRY_BACKOFF_MAX",
+        float,
+        0,
+        "a number of seconds, 0 or more",
+    ),
+    "retention_days": ("OUTBOX_RETENTION_DAYS", int, 1, "a whole number of days, at least 1"),
+}
+
+
+def task_settings(environ=None) -> TaskSettings:
+    """The Celery side's settings from the environment; a bad value raises ImproperlyConfigured
+    naming the variable."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field, (env, parse, minimum, rule) in _ENV.items():
+        raw = environ.get(env, "").strip()
+        if not raw:
+            continue
+        try:
+            value = parse(raw)
+        except ValueError:
+            value = None
+        if value is None or value != value or value < minimum or value == float("inf"):
+            raise ImproperlyConfigured(f"{env}: must be {rule}, got {raw!r}")
+        values[field] = value
+    return TaskSettings(**values)
+
+
+# -- running handlers -----------------------------------------------------------------------
+
+
+@shared_task(
+    name=TASK_NAME,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=None,  # bounded below, by OUTBOX_CELERY_MAX_RETRIES read at run time
+)
+def run_handler(self, handler_name, event_data):
+    """Run the registered handler `handler_name` on `event_data` (the dict inline handlers get)."""
+    handler = registry.get(handler_name) if isinstance(handler_name, str) else None
+    if handler is None:
+        logger.error(
+            "rejected task %s: %r is not a registered handler; nothing was run",
+            self.request.id,
+            handler_name,
+        )
+        return
+    if not isinstance(event_data, dict) or "id" not in event_data:
+        logger.error(
+            "rejected task %s: event_data is not an event; nothing was run", self.request.id
+        )
+        return
+
+    try:
+        _call(handler.func, event_data)
+    except Exception as exc:
+        error = f"{handler.name}: {type(exc).__name__}: {exc}"
+        settings = task_settings()
+        retries = self.request.retries or 0
+        if retries >= settings.max_retries:
+            logger.error(
+                "handler %s failed on event %s (%s) after %d attempt(s); dead-lettered: %s",
+                handler.name,
+                event_data["id"],
+                event_data.get("event_type"),
+                retries + 1,
+                error,
+            )
+            record_failure(event_data["id"], error)
+            raise
+        delay = settings.retry_delay(retries)
+        logger.warning(
+            "handler %s failed on event %s (%s), attempt %d; retrying in %.1fs: %s",
+            handler.name,
+            event_data["id"],
+            event_data.get("event_type"),
+            retries + 1,
+            delay,
+            error,
+        )
+        raise self.retry(exc=exc, countdown=delay, max_retries=settings.max_retries) from exc
+
+
+def _call(func, event_data) -> None:
+    result = func(event_data)
+    if inspect.isawaitable(result):
+        asyncio.run(_await(result))
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def record_failure(outbox_id: int, error: str) -> bool:
+    """Dead-letter one outbox row after its Celery handler gave up; False if the row is gone."""
+    from event_stream.models import Outbox
+
+    updated = Outbox.objects.filter(id=outbox_id).update(
+        failed_at=Now(), last_error=error[:MAX_ERROR_LENGTH]
+    )
+    if not updated:
+        logger.warning("outbox row %s is gone; its failure was not recorded", outbox_id)
+    return bool(updated)
+
+
+# -- beat: cleanup ----------------------------------------------------------------------------
+
+
+@shared_task(name=CLEANUP_TASK_NAME, ignore_result=True)
+def cleanup_processed(retention_days: int | None = None, chunk_size: int = CLEANUP_CHUNK_SIZE):
+    """Delete processed rows older than the retention, `chunk_size` ids per DELETE.
+
+    Never touches pending or failed rows. Returns the number of rows deleted.
+    """
+    from event_stream.models import Outbox
+
+    days = retention_days if retention_days is not None else task_settings().retention_days
+    cutoff = timezone.now() - datetime.timedelta(days=days)
+    old = Outbox.objects.filter(
+        processed_at__isnull=False, failed_at__isnull=True, processed_at__lt=cutoff
+    )
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            ids = list(old.order_by("processed_at").values_list("id", flat=True)[:chunk_size])
+            if not ids:
+                break
+            # The filter again: a row replayed since the SELECT is kept.
+            count, _ = old.filter(id__in=ids).delete()
+        deleted += count
+        if len(ids) < chunk_size:
+            break
+    logger.info("cleanup: deleted %d processed event(s) older than %d day(s)", deleted, days)
+    return deleted
+
+
+# -- beat: queue depth ------------------------------------------------------------------------
+
+
+@shared_task(name=QUEUE_CHECK_TASK_NAME, ignore_result=True)
+def check_queue_depth():
+    """Record the queue depth, and log a warning (above 1,000 pending) or error (above 5,000)."""
+    from event_stream.health import collect
+    from event_stream.models import QueueCheck
+
+    report = collect()
+    check = QueueCheck.objects.create(
+        pending=report.unprocessed_events,
+        failed=report.failed_events,
+        oldest_pending_age_seconds=report.oldest_pending_age_seconds,
+        status=report.status,
+    )
+    message = "queue depth: %d pending, %d failed, oldest pending %s s: %s"
+    args = (report.unprocessed_events, report.failed_events, report.oldest_pending_age_seconds)
+    if report.status == "critical":
+        logger.error(message, *args, report.status)
+    elif report.status == "warning":
+        logger.warning(message, *args, report.status)
+    else:
+        logger.info(message, *args, report.status)
+    return check.pk

@@ -1,0 +1,280 @@
+"""The relay's guarantees with real relay processes on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from tests.integration.relays import (
+    pending_count,
+    query,
+    reset,
+    start_relay,
+    stop,
+    wait_until,
+    write_events,
+)
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def db(conninfo):
+    reset(conninfo)
+    return conninfo
+
+
+def handled_rows(conninfo):
+    return query(conninfo, "SELECT outbox_id, entity_id, pid, seq FROM relay_test_handled")
+
+
+def assert_entity_order(conninfo):
+    """For every entity, handling order (seq) follows outbox id order, i.e. commit order."""
+    by_entity = collections.defaultdict(list)
+    for outbox_id, entity_id, _pid, _seq in sorted(handled_rows(conninfo), key=lambda r: r[3]):
+        by_entity[entity_id].append(outbox_id)
+    for entity, ids in by_entity.items():
+        assert ids == sorted(ids), f"entity {entity} handled out of order"
+
+
+def wait_ready(process, timeout=30):
+    line = process.stdout.readline()
+    assert "relay ready" in line, line
+
+
+@pytest.mark.parametrize("relays", [2, 3])
+def test_several_relays_handle_every_event_once_in_entity_order(db, database_url, relays):
+    entities = [uuid.uuid4() for _ in range(100)]
+    processes = [start_relay(database_url, OUTBOX_POLLER_BATCH_SIZE=50) for _ in range(relays)]
+    try:
+        for p in processes:
+            wait_ready(p)
+        write_events(db, entities, per_entity=100)  # 10,000 events, written while relays run
+
+        assert wait_until(lambda: pending_count(db) == 0, timeout=120)
+    finally:
+        outputs = [stop(p) for p in processes]
+
+    rows = handled_rows(db)
+    ids = [r[0] for r in rows]
+    assert len(ids) == 10_000, outputs
+    assert len(set(ids)) == 10_000, "an event was handled twice without any crash"
+    assert_entity_order(db)
+    assert len({r[2] for r in rows}) >= 2, "the work was not shared between relays"
+    assert all(p.returncode == 0 for p in processes), outputs
+
+
+def test_sigkill_mid_batch_loses_nothing_and_leaves_nothing_stuck(db, database_url):
+    entities = [uuid.uuid4() for _ in range(20)]
+    write_events(db, entities, per_entity=5)
+    victim = start_relay(database_url, OUTBOX_POLLER_BATCH_SIZE=100, RELAY_TEST_SLEEP=0.05)
+    wait_ready(victim)
+    # Given a relay in the middle of a batch (some events handled, its rows locked)
+    assert wait_until(lambda: len(handled_rows(db)) >= 5, timeout=20)
+    victim.send_signal(signal.SIGKILL)
+    stop(victim)
+    assert pending_count(db) > 0
+
+    # When another relay starts, then it handles every event: nothing lost, nothing stuck
+    rescuer = start_relay(database_url)
+    try:
+        wait_ready(rescuer)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=30)
+    finally:
+        stop(rescuer)
+    handled = {r[0] for r in handled_rows(db)}
+    all_ids = {r[0] for r in query(db, "SELECT id FROM outbox")}
+    assert handled == all_ids
+    assert_entity_order(db)
+
+
+def test_sigterm_mid_batch_finishes_it_and_exits_0(db, database_url):
+    write_events(db, [uuid.uuid4() for _ in range(10)], per_entity=3)
+    relay = start_relay(database_url, OUTBOX_POLLER_BATCH_SIZE=10, RELAY_TEST_SLEEP=0.1)
+    wait_ready(relay)
+    assert wait_until(lambda: len(handled_rows(db)) >= 2, timeout=20)
+
+    started = time.monotonic()
+    relay.send_signal(signal.SIGTERM)
+    out, _ = relay.communicate(timeout=15)
+
+    assert relay.returncode == 0, out
+    assert time.monotonic() - started < 5  # the batch in flight (10 x 0.1 s), then out
+    done = query(db, "SELECT count(*) FROM outbox WHERE processed_at IS NOT NULL")[0][0]
+    assert done == len(handled_rows(db))  # every handled event was recorded, no more
+    assert done % 10 == 0  # whole batches only
+    assert pending_count(db) == 30 - done
+    assert query(db, "SELECT count(*) FROM outbox_relay")[0][0] == 0  # left the live list
+
+
+def test_second_signal_stops_at_once_and_loses_nothing(db, database_url):
+    write_events(db, [uuid.uuid4() for _ in range(5)], per_entity=2)
+    relay = start_relay(
+        database_url,
+        OUTBOX_POLLER_BATCH_SIZE=10,
+        RELAY_TEST_SLEEP=2,
+        OUTBOX_POLLER_SHUTDOWN_TIMEOUT=60,
+    )
+    wait_ready(relay)
+    assert wait_until(lambda: len(handled_rows(db)) >= 1, timeout=20)
+
+    started = time.monotonic()
+    relay.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    relay.send_signal(signal.SIGTERM)
+    out, _ = relay.communicate(timeout=15)
+
+    assert time.monotonic() - started < 3, out
+    assert relay.returncode == 1, out
+    # The batch was abandoned: its rows were released, none is processed, all pending again.
+    assert pending_count(db) == 10
+    rescuer = start_relay(database_url)
+    try:
+        wait_ready(rescuer)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=30)
+    finally:
+        stop(rescuer)
+
+
+def test_failing_entity_waits_while_others_flow_then_is_dead_lettered(db, database_url):
+    bad, good = uuid.uuid4(), uuid.uuid4()
+    write_events(db, [bad, good], per_entity=3)
+    relay = start_relay(
+        database_url,
+        RELAY_TEST_FAIL_ENTITY=str(bad),
+        OUTBOX_POLLER_MAX_ATTEMPTS=3,
+        OUTBOX_POLLER_RETRY_BASE_DELAY=0.2,
+        OUTBOX_POLLER_RETRY_MAX_DELAY=0.5,
+        OUTBOX_POLLER_INTERVAL_MIN=0.1,
+        OUTBOX_POLLER_INTERVAL_MAX=0.2,
+    )
+    try:
+        wait_ready(relay)
+        # The good entity flows at once; the bad one's later events wait behind its head.
+        assert wait_until(lambda: len(handled_rows(db)) == 3, timeout=20)
+        assert {r[1] for r in handled_rows(db)} == {good}
+        # After 3 attempts the head is dead-lettered with its error; the next event is tried.
+        assert wait_until(
+            lambda: query(db, "SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL")[0][0] == 3,
+            timeout=30,
+        )
+    finally:
+        stop(relay)
+    failed = query(
+        db, "SELECT attempts, last_error FROM outbox WHERE entity_id = %s ORDER BY id", (bad,)
+    )
+    assert all(attempts == 3 for attempts, _ in failed)
+    assert all("RuntimeError: refusing entity" in error for _, error in failed)
+
+
+def test_malformed_rows_do_not_crash_the_relay(db, database_url):
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox (event_type, entity_type, entity_id, payload) VALUES"
+            " ('test.changed', 'test', gen_random_uuid(), '\"just a string\"'),"
+            " ('test.changed', 'test', gen_random_uuid(), '[1, 2]'),"
+            " ('no.such.type', 'test', gen_random_uuid(), '{}'),"
+            " ('test.changed', 'test', NULL, '{\"ok\": true}')"
+        )
+    relay = start_relay(database_url)
+    try:
+        wait_ready(relay)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=20)
+        assert relay.poll() is None
+    finally:
+        stop(relay)
+    states = query(
+        db, "SELECT event_type, payload, failed_at IS NOT NULL, last_error FROM outbox ORDER BY id"
+    )
+    # Not an object: dead-lettered at once, handlers not run
+    assert states[0][2] and "not a JSON object" in states[0][3]
+    assert states[1][2] and "not a JSON object" in states[1][3]
+    # An unknown type is just another event for a catch-all handler; no entity id: handled alone
+    assert not states[2][2] and not states[3][2]
+    assert sorted(r[0] for r in handled_rows(db)) == [3, 4]
+
+
+def test_memory_limit_restarts_in_place_and_counts_it(db, database_url):
+    write_events(db, [uuid.uuid4()], per_entity=3)
+    relay = start_relay(
+        database_url,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+        OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2,
+    )
+    try:
+        wait_ready(relay)
+        assert wait_until(
+            lambda: query(db, "SELECT coalesce(max(restarts), 0) FROM outbox_relay")[0][0] >= 2,
+            timeout=30,
+        )
+        # Same process (exec in place), still relaying
+        assert relay.poll() is None
+        pids = {r[0] for r in query(db, "SELECT pid FROM outbox_relay")}
+        assert pids == {relay.pid}
+        write_events(db, [uuid.uuid4()], per_entity=2)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=20)
+    finally:
+        stop(relay)
+    assert len(handled_rows(db)) == 5
+
+
+def test_terminated_connections_are_restored_with_listen(db, database_url):
+    relay = start_relay(
+        database_url, OUTBOX_POLLER_INTERVAL_MIN=30, OUTBOX_POLLER_INTERVAL_MAX=30
+    )  # polling is slow: only NOTIFY can deliver fast
+    try:
+        wait_ready(relay)
+        write_events(db, [uuid.uuid4()], per_entity=1)
+        assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=10)
+
+        killed = query(
+            db,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'outbox_relay' AND datname = current_database()",
+        )
+        assert len(killed) == 2  # the work and the listening connection
+
+        # After reconnecting with backoff, LISTEN is back: with 30 s polling, only a NOTIFY
+        # can get a new event handled within seconds.
+        time.sleep(1.5)
+        write_events(db, [uuid.uuid4()], per_entity=3)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=8)
+        assert relay.poll() is None
+    finally:
+        out = stop(relay)
+    assert len(handled_rows(db)) == 4, out
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--batch-size", "0"], {}, "--batch-size"),
+        (["--interval-min", "soon"], {}, "--interval-min"),
+        ([], {"OUTBOX_POLLER_MEMORY_LIMIT_MB": "lots"}, "OUTBOX_POLLER_MEMORY_LIMIT_MB"),
+        ([], {"OUTBOX_POLLER_ORDERED": "maybe"}, "OUTBOX_POLLER_ORDERED"),
+    ],
+)
+def test_bad_flags_and_variables_exit_2_with_one_line(database_url, args, env, named):
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.relays import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "outbox_poller", *args],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": database_url, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
