@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from psycopg.types.json import set_json_loads
 
 # Keys of Django's OPTIONS that configure the Django backend, not libpq.
 DJANGO_ONLY_OPTIONS = {"isolation_level", "pool", "server_side_binding", "assume_role"}
@@ -65,7 +67,7 @@ class DatabaseConnection:
         self._control = await self._open(autocommit=True)
 
     async def _open(self, *, autocommit: bool) -> psycopg.AsyncConnection:
-        return await psycopg.AsyncConnection.connect(
+        conn = await psycopg.AsyncConnection.connect(
             self.conninfo,
             autocommit=autocommit,
             application_name=self.application_name,
@@ -76,6 +78,9 @@ class DatabaseConnection:
             keepalives_interval=5,
             keepalives_count=4,
         )
+        # Decoding payloads is a large share of a batch's cost; orjson is several times faster.
+        set_json_loads(orjson.loads, conn)
+        return conn
 
     @staticmethod
     async def _close(conn: psycopg.AsyncConnection | None) -> None:

@@ -1,0 +1,317 @@
+"""Relay benchmark: end-to-end throughput, latency and memory, against a bare claim loop.
+
+    python bench/relay.py                 # everything; DATABASE_URL picks the server
+    python bench/relay.py --events 60000 --quick
+
+Events are written by the capture triggers (issues created, then updated: two events per
+entity, so ordering is at work). Each relay is a separate process, as in production, with a
+no-op handler; the parent measures wall time from "go" until the outbox is drained.
+The raw ceiling is a bare claim-and-mark loop over the same rows with the same claim SQL and
+no handler work, so the relay's figure is a ratio. A fresh database is created and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BENCH_DB = "event_stream_bench_relay"
+
+
+# -- setup ---------------------------------------------------------------------------------------
+
+
+def setup_django(dbname: str | None = None):
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "plane.settings")
+    import django
+    from django.conf import settings
+
+    settings.DATABASES["default"]  # noqa: B018 - resolve the lazy settings first
+    if dbname:
+        settings.DATABASES["default"]["NAME"] = dbname
+    django.setup()
+    from django.db import connection
+
+    from event_stream.database import conninfo_from_django
+
+    return conninfo_from_django(connection.settings_dict)
+
+
+def create_database() -> str:
+    import psycopg
+
+    admin = setup_django()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {BENCH_DB}")
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection
+
+    connection.close()
+    settings.DATABASES["default"]["NAME"] = BENCH_DB
+    call_command("migrate", verbosity=0)
+    connection.close()
+    from event_stream.database import conninfo_from_django
+
+    return conninfo_from_django(settings.DATABASES["default"])
+
+
+def drop_database(conninfo: str) -> None:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(conninfo)
+    params["dbname"] = "postgres"
+    with psycopg.connect(make_conninfo(**params), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+
+
+def write_trigger_events(conninfo: str, entities: int) -> int:
+    """`entities` issues created, then each updated once: 2 events per issue, via triggers."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("TRUNCATE outbox, plane_issue CASCADE")
+        ws = conn.execute(
+            "INSERT INTO plane_workspace (id, name, slug, created_at, updated_at)"
+            " VALUES (gen_random_uuid(), 'Bench', 'bench-' || gen_random_uuid(), now(), now())"
+            " RETURNING id"
+        ).fetchone()[0]
+        project = conn.execute(
+            "INSERT INTO plane_project (id, workspace_id, name, identifier, created_at, updated_at)"
+            " VALUES (gen_random_uuid(), %s, 'Bench', 'B', now(), now()) RETURNING id",
+            (ws,),
+        ).fetchone()[0]
+        for start in range(0, entities, 500):
+            n = min(500, entities - start)
+            conn.execute(
+                """INSERT INTO plane_issue (id, workspace_id, project_id, name, description_html,
+                       priority, sequence_id, sort_order, is_draft, created_at, updated_at)
+                   SELECT gen_random_uuid(), %s, %s, 'Issue ' || g, '<p>Body</p>', 'none', g,
+                          65535, false, now(), now()
+                   FROM generate_series(%s::int, %s::int) AS g""",
+                (ws, project, start, start + n - 1),
+            )
+        for start in range(0, entities, 500):
+            conn.execute(
+                "UPDATE plane_issue SET priority = 'high'"
+                " WHERE id IN (SELECT id FROM plane_issue WHERE priority = 'none' LIMIT 500)"
+            )
+        conn.execute("VACUUM ANALYZE outbox")
+        return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+
+# -- a relay process -----------------------------------------------------------------------------
+
+
+async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
+    """Run a relay (or the bare loop) until the outbox is drained; report what it did."""
+    import psycopg
+
+    from event_stream.database import CLAIM_ORDERED_SQL, MARK_PROCESSED_SQL
+    from event_stream.poller import OutboxPoller
+    from event_stream.settings import RelaySettings
+
+    latencies: list[float] = []
+    print("ready", flush=True)
+    sys.stdin.readline()  # the parent says go
+    started = time.perf_counter()
+    processed = 0
+    if mode == "raw":
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            while True:
+                cur = await conn.execute(CLAIM_ORDERED_SQL, {"limit": batch_size}, prepare=True)
+                rows = await cur.fetchall()
+                if not rows:
+                    await conn.commit()
+                    if await _drained(conn):
+                        break
+                    continue
+                await conn.execute(MARK_PROCESSED_SQL, ([r[0] for r in rows],), prepare=True)
+                await conn.commit()
+                processed += len(rows)
+    else:
+        poller = OutboxPoller(
+            settings=RelaySettings(batch_size=batch_size, interval_min=0.01, interval_max=0.05),
+            conninfo=conninfo,
+        )
+        if mode == "latency":
+            import datetime
+
+            def measure(event):
+                created = datetime.datetime.fromisoformat(event["created_at"]).timestamp()
+                latencies.append(time.time() - created)
+
+            poller.add_handler(measure)
+        else:
+            poller.add_handler(lambda event: None)
+        task = asyncio.create_task(poller.run())
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as watch:
+            while not task.done():
+                await asyncio.sleep(0.05 if mode != "latency" else 0.5)
+                if mode != "latency" and await _drained(watch):
+                    break
+                if mode == "latency" and sys.stdin.closed:
+                    break
+            poller.stop()
+        await task
+        processed = poller.processed_count
+    elapsed = time.perf_counter() - started
+    report = {
+        "processed": processed,
+        "elapsed": elapsed,
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if latencies:
+        latencies.sort()
+        report["p50_ms"] = statistics.median(latencies) * 1000
+        report["p99_ms"] = latencies[int(len(latencies) * 0.99) - 1] * 1000
+        report["latency_samples"] = len(latencies)
+    return report
+
+
+async def _drained(conn) -> bool:
+    cur = await conn.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE processed_at IS NULL AND failed_at IS NULL)"
+    )
+    (drained,) = await cur.fetchone()
+    if not conn.autocommit:
+        await conn.commit()
+    return drained
+
+
+def worker_main(args) -> None:
+    conninfo = setup_django(BENCH_DB)
+    report = asyncio.run(run_relay_worker(conninfo, args.batch_size, args.mode))
+    print(json.dumps(report), flush=True)
+
+
+# -- the parent ----------------------------------------------------------------------------------
+
+
+def spawn(batch_size: int, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, __file__, "worker", "--batch-size", str(batch_size), "--mode", mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def run_relays(count: int, batch_size: int, mode: str = "relay") -> dict:
+    processes = [spawn(batch_size, mode) for _ in range(count)]
+    for p in processes:
+        assert p.stdout.readline().strip() == "ready"
+    started = time.perf_counter()
+    for p in processes:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    reports = [json.loads(p.stdout.readline()) for p in processes]
+    elapsed = time.perf_counter() - started
+    for p in processes:
+        p.wait()
+    total = sum(r["processed"] for r in reports)
+    return {
+        "events": total,
+        "seconds": elapsed,
+        "rate": total / elapsed,
+        "peak_rss_mb": max(r["maxrss_mb"] for r in reports),
+    }
+
+
+def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> dict:
+    import psycopg
+
+    relay = spawn(batch_size, "latency")
+    assert relay.stdout.readline().strip() == "ready"
+    relay.stdin.write("go\n")
+    relay.stdin.flush()
+    time.sleep(0.5)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        # The writer must keep up with the rate; it does not wait for the disk on each commit.
+        conn.execute("SET synchronous_commit = off")
+        ids = [r[0] for r in conn.execute("SELECT id FROM plane_issue LIMIT 2000").fetchall()]
+        conn.execute("UPDATE outbox SET processed_at = now() WHERE processed_at IS NULL")
+        total = int(rate * seconds)
+        start = time.perf_counter()
+        for n in range(total):
+            due = start + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            conn.execute(
+                "UPDATE plane_issue SET sequence_id = sequence_id + 1 WHERE id = %s",
+                (ids[n % len(ids)],),
+                prepare=True,
+            )
+        achieved = total / (time.perf_counter() - start)
+    time.sleep(1.0)
+    relay.stdin.close()
+    report = json.loads(relay.stdout.readline())
+    relay.wait()
+    report["write_rate"] = achieved
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    worker = sub.add_parser("worker")
+    worker.add_argument("--batch-size", type=int, required=True)
+    worker.add_argument("--mode", choices=["relay", "raw", "latency"], required=True)
+    parser.add_argument("--events", type=int, default=100_000, help="events per run (even)")
+    parser.add_argument("--quick", action="store_true", help="skip the latency run")
+    args = parser.parse_args()
+    if args.command == "worker":
+        worker_main(args)
+        return
+
+    conninfo = create_database()
+    entities = args.events // 2
+    rows: list[tuple] = []
+    try:
+        for batch in (50, 250, 1000):
+            write_trigger_events(conninfo, entities)
+            raw = run_relays(1, batch, "raw")
+            write_trigger_events(conninfo, entities)
+            relay = run_relays(1, batch)
+            rows.append((f"1 relay, batch {batch}", relay, raw))
+        one = rows[-1][1]
+        for count in (2, 3):
+            write_trigger_events(conninfo, entities)
+            rows.append((f"{count} relays, batch 1000", run_relays(count, 1000), None))
+        print(f"\n{'run':<24}{'events/s':>12}{'raw events/s':>14}{'ratio':>8}{'peak MB':>9}")
+        for name, relay, raw in rows:
+            raw_rate = f"{raw['rate']:>14,.0f}" if raw else f"{'':>14}"
+            ratio = (
+                f"{relay['rate'] / raw['rate']:>8.0%}"
+                if raw
+                else f"{relay['rate'] / one['rate']:>7.2f}x"
+            )
+            print(f"{name:<24}{relay['rate']:>12,.0f}{raw_rate}{ratio}{relay['peak_rss_mb']:>9.0f}")
+        if not args.quick:
+            write_trigger_events(conninfo, 2000)
+            lat = run_latency(conninfo, rate=1000, seconds=10, batch_size=250)
+            print(
+                f"\nlatency at {lat['write_rate']:,.0f} events/s written "
+                f"({lat['latency_samples']} events): p50 {lat['p50_ms']:.1f} ms, "
+                f"p99 {lat['p99_ms']:.1f} ms; relay peak RSS {lat['maxrss_mb']:.0f} MB"
+            )
+    finally:
+        drop_database(conninfo)
+
+
+if __name__ == "__main__":
+    main()
