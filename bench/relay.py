@@ -36,7 +36,7 @@ def setup_django(dbname: str | None = None):
     import django
     from django.conf import settings
 
-    settings.DATABASES["default"]  # noqa: B018 - resolve the lazy settings first
+    settings.DATABASES["default"]  # resolve the lazy settings before changing them
     if dbname:
         settings.DATABASES["default"]["NAME"] = dbname
     django.setup()
@@ -103,7 +103,7 @@ def write_trigger_events(conninfo: str, entities: int) -> int:
                    FROM generate_series(%s::int, %s::int) AS g""",
                 (ws, project, start, start + n - 1),
             )
-        for start in range(0, entities, 500):
+        for _ in range(0, entities, 500):
             conn.execute(
                 "UPDATE plane_issue SET priority = 'high'"
                 " WHERE id IN (SELECT id FROM plane_issue WHERE priority = 'none' LIMIT 500)"
