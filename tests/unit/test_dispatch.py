@@ -1,0 +1,154 @@
+import datetime
+import uuid
+
+import pytest
+
+from event_stream.dispatch import MALFORMED_PAYLOAD, BatchRunner, RetryPolicy
+from event_stream.handlers import HandlerRegistry
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+X, Y = uuid.uuid4(), uuid.uuid4()
+
+
+def row(id, entity=X, event_type="issue.updated", payload=None, attempts=0):
+    payload = {"data": {"n": id}} if payload is None else payload
+    return (id, uuid.uuid4(), event_type, "issue", entity, payload, NOW, attempts)
+
+
+def runner(registry, max_attempts=3, publisher=None):
+    return BatchRunner(registry, RetryPolicy(max_attempts, 1.0, 60.0), publisher)
+
+
+class RecordingPublisher:
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.sent = []
+
+    def publish(self, messages):
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+        self.sent.extend((h.name, e["id"]) for h, e in messages)
+
+
+def test_handlers_get_the_seed_event_data_in_order():
+    seen = []
+    registry = HandlerRegistry()
+    registry.add(seen.append, name="all")
+
+    outcome = runner(registry).run([row(1), row(2, Y), row(3)])
+
+    assert outcome.processed == [1, 2, 3]
+    assert [e["id"] for e in seen] == [1, 2, 3]
+    assert set(seen[0]) >= {"id", "event_id", "event_type", "entity_type", "entity_id",
+                            "payload", "processed_at", "created_at"}  # fmt: skip
+    assert seen[0]["entity_id"] == str(X) and seen[0]["created_at"] == NOW.isoformat()
+
+
+def test_patterns_pick_handlers():
+    issue, everything = [], []
+    registry = HandlerRegistry()
+    registry.add(issue.append, "issue.*", name="issue")
+    registry.add(everything.append, name="all")
+
+    runner(registry).run([row(1), row(2, event_type="cycle.created")])
+
+    assert [e["id"] for e in issue] == [1]
+    assert [e["id"] for e in everything] == [1, 2]
+
+
+def test_a_failure_holds_back_only_its_entity():
+    def flaky(event):
+        if event["id"] == 1:
+            raise ValueError("boom")
+
+    registry = HandlerRegistry()
+    registry.add(flaky, name="flaky")
+
+    outcome = runner(registry).run([row(1, X), row(2, Y), row(3, X), row(4, Y)])
+
+    assert outcome.processed == [2, 4]
+    assert [(i, e) for i, _d, e in outcome.retries] == [(1, "flaky: ValueError: boom")]
+    assert outcome.held == [3]
+
+
+def test_last_attempt_dead_letters():
+    registry = HandlerRegistry()
+    registry.add(lambda e: 1 / 0, name="broken")
+
+    outcome = runner(registry, max_attempts=3).run([row(1, attempts=2)])
+
+    assert outcome.failures == [(1, "broken: ZeroDivisionError: division by zero")]
+    assert outcome.retries == []
+
+
+def test_malformed_payload_is_dead_lettered_without_running_handlers():
+    seen = []
+    registry = HandlerRegistry()
+    registry.add(seen.append, name="all")
+
+    outcome = runner(registry).run([row(1, payload="text"), row(2, payload=[1]), row(3, None)])
+
+    assert outcome.failures == [(1, MALFORMED_PAYLOAD), (2, MALFORMED_PAYLOAD)]
+    assert outcome.processed == [3]
+    assert [e["id"] for e in seen] == [3]
+
+
+def test_unknown_event_type_is_done_with_nothing_to_do():
+    registry = HandlerRegistry()
+    registry.add(lambda e: None, "issue.*", name="issue")
+
+    assert runner(registry).run([row(1, event_type="no.such")]).processed == [1]
+
+
+def test_async_handlers_run_too():
+    seen = []
+
+    async def handler(event):
+        seen.append(event["id"])
+
+    registry = HandlerRegistry()
+    registry.add(handler, name="async")
+
+    assert runner(registry).run([row(1)]).processed == [1]
+    assert seen == [1]
+
+
+def test_celery_handlers_are_published_in_one_go():
+    publisher = RecordingPublisher()
+    registry = HandlerRegistry()
+    registry.add(lambda e: None, name="inline")
+    registry.add(lambda e: None, name="remote", dispatch="celery")
+
+    outcome = runner(registry, publisher=publisher).run([row(1), row(2, Y)])
+
+    assert outcome.processed == [1, 2]
+    assert publisher.sent == [("remote", 1), ("remote", 2)]
+
+
+def test_broker_down_keeps_events_and_their_entitys_later_events_pending():
+    registry = HandlerRegistry()
+    registry.add(lambda e: None, "issue.*", name="remote", dispatch="celery")
+    registry.add(lambda e: None, "cycle.*", name="inline")
+    rows = [row(1, X), row(2, X, event_type="cycle.updated"), row(3, Y, event_type="cycle.x")]
+
+    outcome = runner(registry, publisher=RecordingPublisher(fail=True)).run(rows)
+
+    assert outcome.processed == [3]
+    assert outcome.held == [1, 2]
+    assert outcome.retries == [] and outcome.failures == []
+    assert isinstance(outcome.publish_error, ConnectionError)
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 5, 40])
+def test_backoff_is_exponential_with_jitter_and_capped(attempt):
+    policy = RetryPolicy(max_attempts=50, base_delay=1.0, max_delay=60.0)
+    ceiling = min(60.0, 2 ** (attempt - 1))
+    assert policy.delay(attempt, rand=lambda: 0.0) == ceiling / 2
+    assert policy.delay(attempt, rand=lambda: 1.0) == ceiling
+
+
+def test_registry_rejects_a_second_function_under_one_name():
+    registry = HandlerRegistry()
+    registry.add(lambda e: None, name="x")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.add(lambda e: None, name="x")

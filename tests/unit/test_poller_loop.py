@@ -1,0 +1,146 @@
+"""The poller's loop against the in-memory FakeDatabase."""
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from event_stream.poller import OutboxPoller, StopReason
+from event_stream.settings import RelaySettings
+from tests.unit.fakes import FakeDatabase
+
+
+def make_poller(db, **settings):
+    settings.setdefault("interval_min", 0.01)
+    settings.setdefault("interval_max", 0.05)
+    settings.setdefault("heartbeat_interval", 0.05)
+    return OutboxPoller(settings=RelaySettings(**settings), database=db)
+
+
+async def run_until(poller, predicate, timeout=5.0):
+    task = asyncio.create_task(poller.run())
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    poller.stop()
+    reason = await asyncio.wait_for(task, 5)
+    assert predicate()
+    return reason
+
+
+async def test_handles_every_event_and_stops_cleanly():
+    db = FakeDatabase()
+    ids = [db.add(entity_id=uuid.uuid4()) for _ in range(7)]
+    poller = make_poller(db, batch_size=3)
+    seen = []
+    poller.add_handler(lambda e: seen.append(e["id"]))
+
+    reason = await run_until(poller, lambda: len(seen) == 7)
+
+    assert reason is StopReason.STOPPED
+    assert seen == ids
+    assert all(db.state(i) == "processed" for i in ids)
+    assert poller.processed_count == 7
+    assert db.heartbeats[-1] == {"removed": poller.relay_id}
+
+
+async def test_a_notification_wakes_it_long_before_the_interval():
+    db = FakeDatabase()
+    poller = make_poller(db, interval_min=30, interval_max=30)
+    seen = []
+    poller.add_handler(lambda e: seen.append(time.monotonic()))
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.2)  # idle, sleeping its 30 s interval
+
+    db.add()
+    sent = time.monotonic()
+    db.notifications.put_nowait("outbox")
+    while not seen and time.monotonic() - sent < 5:
+        await asyncio.sleep(0.01)
+    poller.stop()
+    await task
+
+    assert seen and seen[0] - sent < 2.0
+    assert db.listening == ["event_stream_outbox"]
+
+
+async def test_lost_work_connection_releases_the_batch_and_reconnects():
+    db = FakeDatabase()
+    db.fail_next_claims = 2
+    ids = [db.add() for _ in range(3)]
+    poller = make_poller(db)
+    seen = []
+    poller.add_handler(lambda e: seen.append(e["id"]))
+
+    await run_until(poller, lambda: len(seen) == 3)
+
+    assert seen == ids
+    assert db.connects >= 3  # first connect + one per lost connection
+
+
+async def test_failing_event_is_retried_then_dead_lettered():
+    db = FakeDatabase()
+    bad = db.add(entity_id=uuid.uuid4())
+    poller = make_poller(db, max_attempts=3, retry_base_delay=0, retry_max_delay=0)
+    poller.add_handler(lambda e: 1 / 0)
+
+    await run_until(poller, lambda: db.state(bad) == "failed")
+
+    assert db.rows[bad]["attempts"] == 3
+    assert "ZeroDivisionError" in db.rows[bad]["error"]
+    assert poller.failed_count == 1
+
+
+async def test_a_slow_sync_handler_does_not_freeze_the_loop():
+    db = FakeDatabase()
+    db.add()
+    poller = make_poller(db)
+    poller.add_handler(lambda e: time.sleep(0.6))
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.1)
+
+    # While the handler sleeps, the loop still answers: heartbeats go on.
+    beats_before = len(db.heartbeats)
+    await asyncio.sleep(0.3)
+    assert len(db.heartbeats) > beats_before
+
+    poller.stop()
+    await task
+
+
+async def test_memory_over_the_limit_asks_for_a_restart_after_the_batch():
+    db = FakeDatabase()
+    ids = [db.add() for _ in range(3)]
+    poller = make_poller(db, memory_limit_mb=1, memory_check_interval=0.01)
+    seen = []
+    poller.add_handler(lambda e: seen.append(e["id"]))
+    await asyncio.sleep(0.02)
+
+    reason = await asyncio.wait_for(poller.run(), 5)
+
+    assert reason is StopReason.RESTART
+    assert seen == ids  # the batch was finished and recorded first
+    assert all(db.state(i) == "processed" for i in ids)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_per_entity_order_setting(ordered):
+    db = FakeDatabase(ordered=ordered)
+    entity = uuid.uuid4()
+    first = db.add(entity_id=entity)
+    db.add(entity_id=entity)
+    poller = make_poller(db, ordered=ordered, retry_base_delay=0, retry_max_delay=0)
+    seen = []
+
+    def handler(event):
+        seen.append(event["id"])
+        if event["id"] == first and seen.count(first) == 1:
+            raise RuntimeError("first try fails")
+
+    poller.add_handler(handler)
+    await run_until(poller, lambda: all(r["state"] == "processed" for r in db.rows.values()))
+
+    second = first + 1
+    # Ordered: the second event waits for the first's retry. Unordered: it does not.
+    assert seen == ([first, first, second] if ordered else [first, second, first])

@@ -1,0 +1,46 @@
+import pytest
+
+from event_stream.settings import ConfigError, RelaySettings, load_settings
+
+
+def test_defaults_are_the_seeds():
+    s = load_settings({}, {})
+    assert (s.batch_size, s.interval_min, s.interval_max) == (250, 0.25, 2.0)
+    assert (s.memory_limit_mb, s.memory_check_interval) == (500, 30.0)
+    assert s.ordered is True
+
+
+def test_a_flag_beats_a_variable_beats_the_default():
+    env = {"OUTBOX_POLLER_BATCH_SIZE": "100", "OUTBOX_POLLER_INTERVAL_MAX": "5"}
+    s = load_settings({"batch_size": "500"}, env)
+    assert s.batch_size == 500
+    assert s.interval_max == 5.0
+    assert s.interval_min == 0.25
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        ({"batch_size": "many"}, {}, "--batch-size"),
+        ({"batch_size": "0"}, {}, "--batch-size"),
+        ({}, {"OUTBOX_POLLER_BATCH_SIZE": "-5"}, "OUTBOX_POLLER_BATCH_SIZE"),
+        ({}, {"OUTBOX_POLLER_INTERVAL_MIN": "nan"}, "OUTBOX_POLLER_INTERVAL_MIN"),
+        ({"memory_limit": "1.5"}, {"OUTBOX_POLLER_MEMORY_LIMIT_MB": "1.5"}, "OUTBOX_POLLER_MEMORY"),
+        ({"memory_check_interval": "0"}, {}, "--memory-check-interval"),
+        ({}, {"OUTBOX_POLLER_ORDERED": "perhaps"}, "OUTBOX_POLLER_ORDERED"),
+        ({"interval_min": "3", "interval_max": "1"}, {}, "--interval-min"),
+    ],
+)
+def test_bad_values_name_their_flag_or_variable(flags, env, named):
+    with pytest.raises(ConfigError, match=named) as err:
+        load_settings(flags, env)
+    assert "\n" not in str(err.value)
+
+
+def test_blank_variables_mean_unset():
+    assert load_settings({}, {"OUTBOX_POLLER_BATCH_SIZE": " "}).batch_size == 250
+
+
+def test_constructor_fails_fast():
+    with pytest.raises(ConfigError, match="--batch-size"):
+        RelaySettings(batch_size=0)
