@@ -58,7 +58,10 @@ class BatchRunner:
         retry: RetryPolicy,
         publisher: Publisher | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        ordered: bool = True,
     ):
+        self.ordered = ordered
         self.registry = registry
         self.retry = retry
         self.publisher = publisher
@@ -88,7 +91,7 @@ class BatchRunner:
             error = self._run_inline(handlers, event)
             if error is not None:
                 self._schedule_retry_or_fail(outcome, event_id, attempts + 1, error)
-                if entity_id is not None:
+                if entity_id is not None and self.ordered:
                     blocked.add(entity_id)
                 continue
             celery = [(h, event) for h in handlers if h.dispatch == "celery"]

@@ -214,7 +214,13 @@ class OutboxPoller:
             return None
 
     async def _handle(self, rows: list[tuple]) -> BatchOutcome:
-        runner = BatchRunner(self.registry, self.retry, self.publisher, asyncio.get_running_loop())
+        runner = BatchRunner(
+            self.registry,
+            self.retry,
+            self.publisher,
+            asyncio.get_running_loop(),
+            ordered=self.settings.ordered,
+        )
         return await self._handler_thread.run(runner.run, rows)
 
     async def _record(self, outcome: BatchOutcome) -> None:
