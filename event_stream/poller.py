@@ -139,6 +139,9 @@ class OutboxPoller:
                 except Exception:
                     logger.exception("side task %s failed", task.get_name())
             self._handler_thread.close()
+            close_publisher = getattr(self.publisher, "close", None)
+            if close_publisher is not None:
+                close_publisher()
             await self._say_goodbye()
             await self.db.close()
 
