@@ -170,29 +170,34 @@ _COLUMNS = (
     "o.attempts"
 )
 
+# Ordered claim. Take the first pending, available, unlocked events in id order (like the
+# unordered claim), then keep only those with no earlier pending event of their entity outside
+# the batch (locked by another relay, or waiting for a retry). Such an earlier event can only
+# exist where the batch has gaps: when every pending event up to the batch's last id is in the
+# batch, nothing needs checking, and the common single-relay claim costs no per-row lookups.
+# Rows left out stay locked until the batch ends; they are blocked anyway.
 CLAIM_ORDERED_SQL = f"""
-WITH heads AS (
-    SELECT o.id, o.entity_id
+WITH batch AS MATERIALIZED (
+    SELECT {_COLUMNS}
     FROM outbox AS o
     WHERE {_PENDING} AND o.available_at <= now()
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox AS e
-          WHERE e.entity_id = o.entity_id AND e.id < o.id
-            AND e.processed_at IS NULL AND e.failed_at IS NULL)
     ORDER BY o.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-), batch AS (
-    SELECT o.id
-    FROM outbox AS o
-    WHERE {_PENDING} AND o.available_at <= now()
-      AND (o.id IN (SELECT id FROM heads)
-           OR o.entity_id IN (SELECT entity_id FROM heads WHERE entity_id IS NOT NULL))
-    ORDER BY o.id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+), gaps AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM outbox AS o
+            WHERE {_PENDING} AND o.id <= (SELECT max(id) FROM batch))
+           > (SELECT count(*) FROM batch) AS found
 )
-SELECT {_COLUMNS} FROM outbox AS o JOIN batch USING (id) ORDER BY o.id
+SELECT b.* FROM batch AS b
+WHERE CASE WHEN NOT (SELECT found FROM gaps) THEN true
+           ELSE b.entity_id IS NULL OR NOT EXISTS (
+               SELECT 1 FROM outbox AS e
+               WHERE e.entity_id = b.entity_id AND e.id < b.id
+                 AND e.processed_at IS NULL AND e.failed_at IS NULL
+                 AND e.id NOT IN (SELECT id FROM batch))
+      END
+ORDER BY b.id
 """
 
 CLAIM_UNORDERED_SQL = f"""
