@@ -1,0 +1,79 @@
+"""Test-only handlers for the Celery worker that the integration tests start.
+
+The worker imports this module with `celery -A celery_app worker -I
+tests.integration.celery_worker_handlers`, after Django is set up; production code knows
+nothing of it. Each handler leaves its trace in files under $EVENT_STREAM_TEST_RECORD_DIR:
+`<handler>.<event_id>.jsonl`, one line with the event_data per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+from event_stream.handlers import registry
+
+PATTERNS = ("test.*",)
+
+
+def _record_dir() -> Path:
+    return Path(os.environ["EVENT_STREAM_TEST_RECORD_DIR"])
+
+
+def trace_path(record_dir: Path, handler: str, event_id: str) -> Path:
+    return record_dir / f"{handler}.{event_id}.jsonl"
+
+
+def runs(record_dir: Path, handler: str, event_id: str) -> list[dict]:
+    path = trace_path(record_dir, handler, event_id)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _record(handler: str, event_data: dict) -> int:
+    path = trace_path(_record_dir(), handler, event_data["event_id"])
+    with path.open("a") as f:
+        f.write(json.dumps(event_data) + "\n")
+    return len(path.read_text().splitlines())
+
+
+def record(event_data):
+    _record("test.record", event_data)
+
+
+async def record_async(event_data):
+    await asyncio.sleep(0)
+    _record("test.record_async", event_data)
+
+
+def slow_first_time(event_data):
+    """First run: leave a trace and the pid, then hang (the test kills the process running it).
+    Later runs: return at once."""
+    if _record("test.slow_first_time", event_data) == 1:
+        pid_file = _record_dir() / f"test.slow_first_time.{event_data['event_id']}.pid"
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(120)
+
+
+def fails_once(event_data):
+    if _record("test.fails_once", event_data) == 1:
+        raise RuntimeError("first attempt fails")
+
+
+def always_fails(event_data):
+    _record("test.always_fails", event_data)
+    raise RuntimeError("boom")
+
+
+for _name, _func in [
+    ("test.record", record),
+    ("test.record_async", record_async),
+    ("test.slow_first_time", slow_first_time),
+    ("test.fails_once", fails_once),
+    ("test.always_fails", always_fails),
+]:
+    registry.add(_func, PATTERNS, name=_name, dispatch="celery")

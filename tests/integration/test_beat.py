@@ -1,0 +1,135 @@
+"""Beat: the schedule created by migrations, the cleanup and the queue-depth check."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+import sys
+
+import psycopg
+import pytest
+import redis
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+
+from event_stream.models import Outbox, QueueCheck
+from event_stream.tasks import check_queue_depth, cleanup_processed
+from tests.integration.celery_support import (
+    ROOT,
+    database_url,
+    redis_url_for_tests,
+    wait_until,
+)
+
+pytestmark = pytest.mark.django_db
+
+SENT = "Sending due task event_stream: queue depth check (event_stream.check_queue_depth)"
+
+
+def add_events(n: int, **fields) -> None:
+    Outbox.objects.bulk_create(
+        Outbox(event_type="test.changed", entity_type="test", payload={}, **fields)
+        for _ in range(n)
+    )
+
+
+class TestSchedule:
+    def test_migrate_creates_the_periodic_tasks(self):
+        tasks = {t.task: t for t in PeriodicTask.objects.filter(task__startswith="event_stream.")}
+        cleanup = tasks["event_stream.cleanup_processed"]
+        assert cleanup.enabled and cleanup.interval is None
+        assert (cleanup.crontab.minute, cleanup.crontab.hour) == ("30", "3")
+        assert cleanup.crontab.day_of_week == "*"
+        check = tasks["event_stream.check_queue_depth"]
+        assert check.enabled and check.crontab is None
+        assert (check.interval.every, check.interval.period) == (1, "minutes")
+
+    @pytest.mark.slow
+    def test_beat_runs_on_the_database_schedule(self, tmp_path, conninfo):
+        """`celery -A celery_app beat` starts on the DatabaseScheduler and sends the check."""
+        # Given a check that last ran two minutes ago (committed, for beat to see), so it is due
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE django_celery_beat_periodictask SET last_run_at = now() - interval '2 min'"
+                " WHERE task = 'event_stream.check_queue_depth'"
+            )
+        log = tmp_path / "beat.log"
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(connection.settings_dict),
+            "CELERY_BROKER_URL": redis_url_for_tests(),
+        }
+        with log.open("wb") as out:
+            beat = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "celery_app", "beat", "-l", "DEBUG",
+                 "-s", str(tmp_path / "schedule")],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                wait_until(lambda: SENT in log.read_text() or beat.poll() is not None, timeout=60)
+            finally:
+                beat.terminate()
+                beat.wait(timeout=15)
+                # what beat sent went to the default queue of the test Redis database
+                redis.Redis.from_url(redis_url_for_tests()).delete("celery")
+        text = log.read_text()
+        sent = SENT in text
+        assert "DatabaseScheduler" in text, text[-3000:]
+        assert sent, text[-3000:]
+
+
+class TestCleanup:
+    def test_deletes_only_processed_rows_past_retention_in_chunks(self):
+        now = timezone.now()
+        old, recent = now - datetime.timedelta(days=8), now - datetime.timedelta(days=6)
+        add_events(5, processed_at=old)  # the only ones to go
+        add_events(2, processed_at=recent)
+        add_events(2, created_at=now - datetime.timedelta(days=30))  # pending, however old
+        add_events(2, processed_at=old, failed_at=old, last_error="x")  # failed
+        add_events(1, failed_at=old, last_error="x")
+
+        with CaptureQueriesContext(connection) as queries:
+            assert cleanup_processed(chunk_size=2) == 5
+        deletes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("DELETE")]
+        assert len(deletes) == 3  # 2 + 2 + 1
+
+        assert Outbox.objects.count() == 7
+        assert not Outbox.objects.filter(processed_at=old, failed_at__isnull=True).exists()
+        assert Outbox.objects.pending().count() == 2
+        assert Outbox.objects.failed().count() == 3
+
+    def test_retention_comes_from_the_environment(self, monkeypatch):
+        add_events(1, processed_at=timezone.now() - datetime.timedelta(days=3))
+        monkeypatch.setenv("OUTBOX_RETENTION_DAYS", "2")
+        assert cleanup_processed() == 1
+
+
+class TestQueueDepthCheck:
+    @pytest.mark.parametrize(
+        "pending, status, level",
+        [
+            (0, "healthy", logging.INFO),
+            (1_000, "healthy", logging.INFO),
+            (1_001, "warning", logging.WARNING),
+            (5_000, "warning", logging.WARNING),
+            (5_001, "critical", logging.ERROR),
+        ],
+    )
+    def test_records_and_logs_what_it_saw(self, caplog, pending, status, level):
+        add_events(pending)
+        add_events(3, processed_at=timezone.now())
+        add_events(2, failed_at=timezone.now(), last_error="x")
+
+        with caplog.at_level(logging.INFO, logger="event_stream.celery"):
+            check_queue_depth()
+
+        check = QueueCheck.objects.get()
+        assert (check.pending, check.failed, check.status) == (pending, 2, status)
+        assert (check.oldest_pending_age_seconds is None) == (pending == 0)
+        record = next(r for r in caplog.records if "queue depth" in r.getMessage())
+        assert record.levelno == level
+        assert f"{pending} pending" in record.getMessage()

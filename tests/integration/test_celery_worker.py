@@ -1,0 +1,221 @@
+"""Celery dispatch end to end: the relay's publisher, real Redis, a real worker process.
+
+The worker runs `celery -A celery_app worker` against the pytest test database, with the test
+handlers of `celery_worker_handlers` imported (`-I`), each leaving a trace file per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+
+import pytest
+
+from event_stream.celery_dispatch import TASK_NAME, CeleryPublisher, task_id_for
+from event_stream.events import make_event_data
+from event_stream.models import Outbox
+from event_stream.replay import replay_failed
+from tests.integration.celery_support import (
+    Worker,
+    database_url,
+    make_app,
+    redis_url_for_tests,
+    unique_queue,
+    wait_until,
+)
+from tests.integration.celery_worker_handlers import runs
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def broker_url():
+    return redis_url_for_tests()
+
+
+@pytest.fixture(scope="module")
+def test_database_url(django_db_setup, django_db_blocker):
+    from django.db import connection
+
+    return database_url(connection.settings_dict)
+
+
+@pytest.fixture(scope="module")
+def record_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("celery_records")
+
+
+@pytest.fixture(scope="module")
+def worker(broker_url, test_database_url, record_dir, tmp_path_factory):
+    """One worker for the module, on a queue of its own."""
+    w = Worker(
+        broker_url=broker_url,
+        database_url=test_database_url,
+        queue=unique_queue(),
+        log_path=tmp_path_factory.mktemp("worker") / "worker.log",
+        record_dir=record_dir,
+    )
+    try:
+        yield w.start()
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def publisher(worker, broker_url):
+    with CeleryPublisher(make_app(broker_url), queue=worker.queue) as p:
+        yield p
+
+
+def outbox_event(event_type="test.changed", payload=None) -> tuple[Outbox, dict]:
+    """A committed outbox row, and the event_data the relay builds for it."""
+    row = Outbox.objects.create(
+        event_type=event_type,
+        entity_type="test",
+        entity_id=uuid.uuid4(),
+        payload=payload if payload is not None else {"data": {"n": 1, "name": "é"}},
+    )
+    row.refresh_from_db()
+    event = make_event_data(
+        id=row.id,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        entity_type=row.entity_type,
+        entity_id=row.entity_id,
+        payload=row.payload,
+        created_at=row.created_at,
+        attempts=row.attempts,
+    )
+    return row, event
+
+
+def test_published_tasks_run_the_handlers_with_the_inline_event_data(worker, publisher, record_dir):
+    # Given an event, as the relay hands it to inline handlers
+    _, event = outbox_event(
+        payload={"data": {"id": str(uuid.uuid4()), "n": 3, "x": None}, "previous_attributes": {}}
+    )
+    # When it is published for a sync and an async handler
+    assert publisher.publish([("test.record", event), ("test.record_async", event)]) == 2
+    # Then each runs once in the worker, with exactly the same event_data
+    for name in ("test.record", "test.record_async"):
+        assert wait_until(lambda n=name: runs(record_dir, n, event["event_id"]), timeout=30), (
+            worker.log()[-3000:]
+        )
+        assert runs(record_dir, name, event["event_id"]) == [json.loads(json.dumps(event))]
+    assert f"[{task_id_for(event['event_id'], 'test.record')}] succeeded" in worker.log()
+
+
+def test_a_failing_handler_is_retried_and_then_succeeds(worker, publisher, record_dir):
+    row, event = outbox_event()
+    publisher.publish([("test.fails_once", event)])
+
+    assert wait_until(lambda: len(runs(record_dir, "test.fails_once", event["event_id"])) == 2)
+    assert wait_until(
+        lambda: f"[{task_id_for(event['event_id'], 'test.fails_once')}] succeeded" in worker.log()
+    )
+    row.refresh_from_db()
+    assert row.failed_at is None
+
+
+def test_when_retries_run_out_the_row_is_dead_lettered_and_replay_puts_it_back(
+    worker, publisher, record_dir
+):
+    row, event = outbox_event()
+    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    publisher.publish([("test.always_fails", event)])
+
+    # OUTBOX_CELERY_MAX_RETRIES=2 in the worker: the first try and two retries
+    def dead_lettered():
+        row.refresh_from_db()
+        return row.failed_at is not None
+
+    assert wait_until(dead_lettered, timeout=30), worker.log()[-3000:]
+    assert len(runs(record_dir, "test.always_fails", event["event_id"])) == 3
+    assert row.last_error == "test.always_fails: RuntimeError: boom"
+    assert Outbox.objects.failed().filter(id=row.id).exists()
+
+    assert replay_failed(ids=[row.id]) == 1
+    row.refresh_from_db()
+    assert (row.processed_at, row.failed_at, row.attempts) == (None, None, 0)
+    assert Outbox.objects.pending().filter(id=row.id).exists()
+
+
+def test_forged_messages_run_nothing_and_import_nothing(
+    worker, publisher, broker_url, record_dir, tmp_path
+):
+    app = make_app(broker_url)
+    marker = tmp_path / "pwned"
+    _, event = outbox_event()
+    forged = {**event, "event_id": str(uuid.uuid4())}
+    bad_handler_names = [
+        "os.system",
+        # the import path of a real handler function, which is registered under another name
+        "tests.integration.celery_worker_handlers.record",
+        "builtins.exec",
+    ]
+    for name in bad_handler_names:
+        app.send_task(TASK_NAME, args=[name, forged], queue=worker.queue)
+    app.send_task(TASK_NAME, args=["os.system", f"touch {marker}"], queue=worker.queue)
+    app.send_task(TASK_NAME, args=[["test.record"], forged], queue=worker.queue)
+    app.send_task("os.system", args=[f"touch {marker}"], queue=worker.queue)
+    # A real task after them: once it ran, the worker has been through all the forged ones.
+    publisher.publish([("test.record", event)])
+
+    assert wait_until(lambda: runs(record_dir, "test.record", event["event_id"]), timeout=30)
+    log = worker.log()
+    assert log.count("is not a registered handler; nothing was run") == len(bad_handler_names) + 2
+    assert "unregistered task of type 'os.system'" in log
+    assert not marker.exists()
+    assert not list(record_dir.glob(f"*.{forged['event_id']}.jsonl"))
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_task_whose_worker_is_killed_mid_task_runs_again(
+    pool, broker_url, test_database_url, tmp_path
+):
+    """acks_late: a SIGKILLed worker never acked, so the task comes back (Redis: after the
+    visibility timeout). prefork: the pool's child is killed; reject_on_worker_lost requeues."""
+    queue = unique_queue()
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+
+    def new_worker(n):
+        return Worker(
+            broker_url=broker_url,
+            database_url=test_database_url,
+            queue=queue,
+            log_path=tmp_path / f"worker{n}.log",
+            record_dir=record_dir,
+            pool=pool,
+        )
+
+    _, event = outbox_event()
+    first = new_worker(1).start()
+    second = None
+    try:
+        with CeleryPublisher(make_app(broker_url), queue=queue) as publisher:
+            publisher.publish([("test.slow_first_time", event)])
+        # Given the task running (its first run hangs)
+        assert wait_until(lambda: runs(record_dir, "test.slow_first_time", event["event_id"]))
+        # When the process running it is killed with SIGKILL
+        if pool == "solo":
+            first.kill()
+            second = new_worker(2).start()
+            survivor = second
+        else:
+            child = int((record_dir / f"test.slow_first_time.{event['event_id']}.pid").read_text())
+            os.kill(child, signal.SIGKILL)
+            survivor = first
+        # Then it runs again, to the end
+        assert wait_until(
+            lambda: len(runs(record_dir, "test.slow_first_time", event["event_id"])) >= 2,
+            timeout=45,
+        ), survivor.log()[-3000:]
+        task_id = task_id_for(event["event_id"], "test.slow_first_time")
+        assert wait_until(lambda: f"[{task_id}] succeeded" in survivor.log(), timeout=15)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

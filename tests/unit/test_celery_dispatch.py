@@ -1,0 +1,228 @@
+"""The publisher's messages and the worker task's logic, without a database or a real broker."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+from celery import Celery
+
+from event_stream import tasks
+from event_stream.celery_dispatch import TASK_NAME, CeleryPublisher, task_id_for
+from event_stream.events import make_event_data
+from event_stream.handlers import Handler, HandlerRegistry
+
+
+def event(n: int = 1) -> dict:
+    return make_event_data(
+        id=n,
+        event_id=uuid.uuid4(),
+        event_type="issue.updated",
+        entity_type="issue",
+        entity_id=uuid.uuid4(),
+        payload={"data": {"n": n}, "previous_attributes": {"n": n - 1}},
+        created_at="2025-01-01T00:00:00+00:00",
+    )
+
+
+@pytest.fixture
+def memory_app():
+    app = Celery("unit", broker=f"memory://localhost/{uuid.uuid4().hex}", set_as_current=False)
+    app.conf.task_serializer = "json"
+    return app
+
+
+def drain(app, queue):
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue)
+        messages = []
+        while q.qsize():
+            m = q.get(timeout=1)
+            m.ack()
+            messages.append(m)
+        q.close()
+        return messages
+
+
+class TestPublisher:
+    def test_one_task_message_per_event_and_handler(self, memory_app):
+        e1, e2 = event(1), event(2)
+        handler = Handler("search.index", print, dispatch="celery")
+        with CeleryPublisher(memory_app, queue="q1") as publisher:
+            assert publisher.publish([(handler, e1), ("webhooks.send", e1), (handler, e2)]) == 3
+
+        messages = drain(memory_app, "q1")
+        assert [m.headers["id"] for m in messages] == [
+            task_id_for(e1["event_id"], "search.index"),
+            task_id_for(e1["event_id"], "webhooks.send"),
+            task_id_for(e2["event_id"], "search.index"),
+        ]
+        first = messages[0]
+        assert first.headers["task"] == TASK_NAME
+        assert first.headers["retries"] == 0
+        assert first.content_type == "application/json"
+        args, kwargs, embed = first.decode()
+        assert args == ["search.index", e1]
+        assert kwargs == {}
+        assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        assert first.properties["correlation_id"] == first.headers["id"]
+
+    def test_the_payload_stays_out_of_the_task_repr(self, memory_app):
+        e = event()
+        e["payload"] = {"data": {"secret": "s3cr3t"}}
+        with CeleryPublisher(memory_app, queue="q2") as publisher:
+            publisher.publish([("h", e)])
+        (message,) = drain(memory_app, "q2")
+        assert "s3cr3t" not in message.headers["argsrepr"]
+        assert e["event_id"] in message.headers["argsrepr"]
+
+    def test_the_task_id_is_stable(self):
+        assert task_id_for("abc", "search.index") == "abc:search.index"
+
+    def test_the_queue_follows_the_task_routes(self, memory_app):
+        memory_app.conf.task_routes = {TASK_NAME: {"queue": "events"}}
+        assert CeleryPublisher(memory_app).queue_name == "events"
+        memory_app.conf.task_routes = None
+        assert CeleryPublisher(memory_app, queue="mine").queue_name == "mine"
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"connect_timeout": 0}, {"confirm_timeout": -1}, {"chunk_size": 0}]
+    )
+    def test_bad_arguments_fail_fast(self, memory_app, kwargs):
+        with pytest.raises(ValueError):
+            CeleryPublisher(memory_app, **kwargs)
+
+
+@pytest.fixture
+def handlers(monkeypatch):
+    registry = HandlerRegistry()
+    monkeypatch.setattr(tasks, "registry", registry)
+    failures = []
+    monkeypatch.setattr(tasks, "record_failure", lambda id, error: failures.append((id, error)))
+    monkeypatch.setenv("OUTBOX_CELERY_MAX_RETRIES", "2")
+    monkeypatch.setenv("OUTBOX_CELERY_RETRY_BACKOFF", "0")
+    return registry, failures
+
+
+def run(name, event_data):
+    return tasks.run_handler.apply(args=(name, event_data))
+
+
+class TestRunHandler:
+    def test_runs_the_registered_sync_handler(self, handlers):
+        registry, _ = handlers
+        seen = []
+        registry.add(seen.append, name="search.index", dispatch="celery")
+        e = event()
+        assert run("search.index", e).successful()
+        assert seen == [e]
+
+    def test_runs_an_async_handler_to_completion(self, handlers):
+        registry, _ = handlers
+        seen = []
+
+        async def handler(event_data):
+            seen.append(event_data["id"])
+
+        registry.add(handler, name="webhooks.send", dispatch="celery")
+        assert run("webhooks.send", event()).successful()
+        assert seen == [1]
+
+    @pytest.mark.parametrize("name", ["os.system", "builtins.exec", "", None, ["x"]])
+    def test_an_unknown_name_is_logged_and_nothing_runs(self, handlers, caplog, name):
+        registry, _ = handlers
+        registry.add(lambda e: pytest.fail("must not run"), name="other", dispatch="celery")
+        with caplog.at_level(logging.ERROR, logger="event_stream.celery"):
+            assert run(name, event()).successful()
+        assert "is not a registered handler; nothing was run" in caplog.text
+
+    def test_event_data_that_is_not_an_event_runs_nothing(self, handlers, caplog):
+        registry, _ = handlers
+        registry.add(lambda e: pytest.fail("must not run"), name="h", dispatch="celery")
+        with caplog.at_level(logging.ERROR, logger="event_stream.celery"):
+            run("h", "rm -rf /")
+        assert "event_data is not an event" in caplog.text
+
+    def test_retries_then_dead_letters_with_the_handler_name(self, handlers):
+        registry, failures = handlers
+        calls = []
+
+        def broken(event_data):
+            calls.append(event_data["id"])
+            raise RuntimeError("search is down")
+
+        registry.add(broken, name="search.index", dispatch="celery")
+        result = run("search.index", event(7))
+
+        assert result.failed()
+        assert calls == [7, 7, 7]  # the first try and OUTBOX_CELERY_MAX_RETRIES=2 retries
+        assert failures == [(7, "search.index: RuntimeError: search is down")]
+
+    def test_a_retry_that_succeeds_records_nothing(self, handlers):
+        registry, failures = handlers
+        calls = []
+
+        def flaky(event_data):
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConnectionError("blip")
+
+        registry.add(flaky, name="flaky", dispatch="celery")
+        assert run("flaky", event()).successful()
+        assert len(calls) == 2
+        assert failures == []
+
+
+class TestTaskSettings:
+    def test_defaults(self):
+        s = tasks.task_settings({})
+        assert (s.max_retries, s.retry_backoff, s.retry_backoff_max, s.retention_days) == (
+            5,
+            2.0,
+            600.0,
+            7,
+        )
+
+    def test_from_the_environment(self):
+        s = tasks.task_settings(
+            {"OUTBOX_CELERY_MAX_RETRIES": "0", "OUTBOX_RETENTION_DAYS": "30", "X": "y"}
+        )
+        assert (s.max_retries, s.retention_days) == (0, 30)
+
+    @pytest.mark.parametrize(
+        "env, value",
+        [
+            ("OUTBOX_CELERY_MAX_RETRIES", "-1"),
+            ("OUTBOX_CELERY_MAX_RETRIES", "five"),
+            ("OUTBOX_CELERY_RETRY_BACKOFF", "nan"),
+            ("OUTBOX_CELERY_RETRY_BACKOFF_MAX", "inf"),
+            ("OUTBOX_RETENTION_DAYS", "0"),
+        ],
+    )
+    def test_a_bad_value_names_the_variable(self, env, value):
+        from django.core.exceptions import ImproperlyConfigured
+
+        with pytest.raises(ImproperlyConfigured, match=f"^{env}: must be .*{value!r}"):
+            tasks.task_settings({env: value})
+
+    def test_backoff_is_exponential_with_jitter_and_capped(self):
+        s = tasks.TaskSettings(retry_backoff=2, retry_backoff_max=10)
+        assert s.retry_delay(0, rand=lambda: 0) == 1  # half of 2
+        assert s.retry_delay(0, rand=lambda: 1) == 2
+        assert s.retry_delay(1, rand=lambda: 1) == 4
+        assert s.retry_delay(2, rand=lambda: 1) == 8
+        assert s.retry_delay(3, rand=lambda: 1) == 10  # capped
+        assert s.retry_delay(100, rand=lambda: 0.5) == 7.5
+
+
+class TestCeleryApp:
+    def test_transport_options_from_the_environment(self):
+        from celery_app import transport_options_from_env
+
+        assert transport_options_from_env({}) == {}
+        assert transport_options_from_env(
+            {"CELERY_BROKER_TRANSPORT_OPTIONS": '{"visibility_timeout": 60}'}
+        ) == {"visibility_timeout": 60}
+        with pytest.raises(ValueError, match="CELERY_BROKER_TRANSPORT_OPTIONS"):
+            transport_options_from_env({"CELERY_BROKER_TRANSPORT_OPTIONS": "[1]"})
