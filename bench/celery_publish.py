@@ -149,7 +149,12 @@ def bench_kombu_batch(app, queue, events, batch) -> float:
 
 def delete_queue(app, queue) -> None:
     with app.connection_for_write() as conn, contextlib.suppress(Exception):  # best effort
-        conn.default_channel.queue_delete(queue)
+        channel = conn.default_channel
+        client = getattr(channel, "client", None)
+        if client is None:
+            channel.queue_delete(queue)
+        else:  # Redis: the list, and kombu's bindings of the queue
+            client.delete(queue, *client.scan_iter(match=f"_kombu.binding*{queue}*"))
 
 
 def bench_end_to_end(broker, queue, events, batch, pool, concurrency, counter_url) -> float:
@@ -191,11 +196,11 @@ def bench_end_to_end(broker, queue, events, batch, pool, concurrency, counter_ur
                     raise RuntimeError("worker died")
                 time.sleep(0.01)
             elapsed = time.perf_counter() - started
-        delete_queue(app, queue)
         return len(rest) / elapsed
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+        delete_queue(make_app(broker), queue)
         counter.delete(key)
         log.close()
         os.unlink(log.name)

@@ -45,6 +45,18 @@ def unique_queue(prefix: str = "es_test") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
+def forget_queue(queue: str, redis_url: str | None = None) -> None:
+    """Delete a test queue and kombu's bindings of it from the test Redis database."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url or redis_url_for_tests())
+    try:
+        keys = [queue, *client.scan_iter(match=f"*{queue}*", count=1000)]
+        client.delete(*keys)
+    finally:
+        client.close()
+
+
 def database_url(settings_dict: dict) -> str:
     """DATABASE_URL of a Django database entry (the test database, for child processes)."""
     s = settings_dict

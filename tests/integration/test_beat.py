@@ -10,7 +10,6 @@ import sys
 
 import psycopg
 import pytest
-import redis
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -21,6 +20,7 @@ from event_stream.tasks import check_queue_depth, cleanup_processed
 from tests.integration.celery_support import (
     ROOT,
     database_url,
+    forget_queue,
     redis_url_for_tests,
     wait_until,
 )
@@ -75,7 +75,7 @@ class TestSchedule:
                 beat.terminate()
                 beat.wait(timeout=15)
                 # what beat sent went to the default queue of the test Redis database
-                redis.Redis.from_url(redis_url_for_tests()).delete("celery")
+                forget_queue("celery")
         text = log.read_text()
         sent = SENT in text
         assert "DatabaseScheduler" in text, text[-3000:]

@@ -18,6 +18,7 @@ from tests.integration.celery_support import (
     TcpProxy,
     Worker,
     database_url,
+    forget_queue,
     make_app,
     port_open,
     redis_url_for_tests,
@@ -44,9 +45,9 @@ def redis_client():
     client = redis.Redis.from_url(redis_url_for_tests())
     queues = []
     yield client, queues
-    if queues:
-        client.delete(*queues)
     client.close()
+    for queue in queues:
+        forget_queue(queue)
 
 
 def test_a_message_is_the_one_celery_itself_would_send(redis_client):

@@ -20,6 +20,7 @@ from event_stream.replay import replay_failed
 from tests.integration.celery_support import (
     Worker,
     database_url,
+    forget_queue,
     make_app,
     redis_url_for_tests,
     unique_queue,
@@ -61,6 +62,7 @@ def worker(broker_url, test_database_url, record_dir, tmp_path_factory):
         yield w.start()
     finally:
         w.stop()
+        forget_queue(w.queue, broker_url)
 
 
 @pytest.fixture
@@ -219,3 +221,4 @@ def test_a_task_whose_worker_is_killed_mid_task_runs_again(
         first.stop()
         if second is not None:
             second.stop()
+        forget_queue(queue, broker_url)
