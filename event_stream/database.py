@@ -110,11 +110,12 @@ class DatabaseConnection:
     # -- the batch -----------------------------------------------------------------------------
 
     async def fetch_and_lock_rows(self, batch_size: int) -> list[tuple]:
-        """Claim up to `batch_size` events and lock them until `finish_batch` or `rollback`.
+        """Claim up to `batch_size` events and lock them until `commit` or `rollback`.
 
         Rows: (id, event_id, event_type, entity_type, entity_id, payload, created_at, attempts),
-        in id order. Ordered mode claims only events whose earlier events of the same entity
-        are all done: the pending head of each entity, plus that entity's following events.
+        in id order; event_id, entity_id, payload (JSON) and created_at (ISO 8601) as text.
+        Ordered mode leaves out events that have an earlier pending event of their entity
+        outside the batch.
         """
         query = CLAIM_ORDERED_SQL if self.ordered else CLAIM_UNORDERED_SQL
         cursor = await self._work.execute(query, {"limit": batch_size}, prepare=True)
@@ -170,6 +171,20 @@ _COLUMNS = (
     "o.attempts"
 )
 
+
+def _as_text(alias: str) -> str:
+    """The claim's output: ids, payload and timestamp as text, the way handlers get them.
+
+    PostgreSQL renders them faster than Python converts UUID and datetime objects, and the
+    payload is decoded once, by orjson, in the handler thread rather than on the event loop.
+    """
+    a = alias
+    return (
+        f"{a}.id, {a}.event_id::text, {a}.event_type, {a}.entity_type, {a}.entity_id::text, "
+        f"{a}.payload::text, to_json({a}.created_at) #>> '{{}}', {a}.attempts"
+    )
+
+
 # Ordered claim. Take the first pending, available, unlocked events in id order (like the
 # unordered claim), then keep only those with no earlier pending event of their entity outside
 # the batch (locked by another relay, or waiting for a retry). Such an earlier event can only
@@ -189,7 +204,7 @@ WITH batch AS MATERIALIZED (
             WHERE {_PENDING} AND o.id <= (SELECT max(id) FROM batch))
            > (SELECT count(*) FROM batch) AS found
 )
-SELECT b.* FROM batch AS b
+SELECT {_as_text("b")} FROM batch AS b
 WHERE CASE WHEN NOT (SELECT found FROM gaps) THEN true
            ELSE b.entity_id IS NULL OR NOT EXISTS (
                SELECT 1 FROM outbox AS e
@@ -201,7 +216,7 @@ ORDER BY b.id
 """
 
 CLAIM_UNORDERED_SQL = f"""
-SELECT {_COLUMNS}
+SELECT {_as_text("o")}
 FROM outbox AS o
 WHERE {_PENDING} AND o.available_at <= now()
 ORDER BY o.id

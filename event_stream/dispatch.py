@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from event_stream.events import EventData, make_event_data
+import orjson
+
+from event_stream.events import EventData
 from event_stream.handlers import Handler, HandlerRegistry
 
 logger = logging.getLogger("event_stream.dispatch")
@@ -82,11 +84,11 @@ class BatchRunner:
             if entity_id is not None and entity_id in blocked:
                 outcome.held.append(event_id)
                 continue
-            if not isinstance(row[5], dict):
+            event = _event_data(row)
+            if not isinstance(event["payload"], dict):
                 # Retrying cannot fix it: dead-letter at once, without running handlers.
                 outcome.failures.append((event_id, MALFORMED_PAYLOAD))
                 continue
-            event = _event_data(row)
             handlers = self.registry.for_event(event["event_type"])
             error = self._run_inline(handlers, event)
             if error is not None:
@@ -172,13 +174,16 @@ class BatchRunner:
 
 
 def _event_data(row: tuple) -> EventData:
-    return make_event_data(
-        id=row[0],
-        event_id=row[1],
-        event_type=row[2],
-        entity_type=row[3],
-        entity_id=row[4],
-        payload=row[5],
-        created_at=row[6],
-        attempts=row[7],
-    )
+    """The seed's event_data from a claimed row (ids, payload and timestamp as text)."""
+    payload = row[5]
+    return {
+        "id": row[0],
+        "event_id": row[1],
+        "event_type": row[2],
+        "entity_type": row[3],
+        "entity_id": row[4],
+        "payload": orjson.loads(payload) if isinstance(payload, str) else payload,
+        "processed_at": None,
+        "created_at": row[6],
+        "attempts": row[7],
+    }

@@ -27,9 +27,11 @@ class Handler:
     patterns: tuple[str, ...] = ("*",)
     dispatch: Dispatch = "inline"
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.func)
+    # Known once at registration: the relay asks for every event.
+    is_async: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.func))
 
     def matches(self, event_type: str) -> bool:
         return any(fnmatch.fnmatchcase(event_type, p) for p in self.patterns)

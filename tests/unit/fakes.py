@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import uuid
 
 
@@ -73,9 +74,11 @@ class FakeDatabase:
             if len(taken) == batch_size:
                 break
         self.claimed.update(r["id"] for r in taken)
+        # As the real claim returns them: ids, payload and timestamp as text.
         return [
-            (r["id"], r["event_id"], r["event_type"], r["entity_type"], r["entity_id"],
-             r["payload"], r["created_at"], r["attempts"])
+            (r["id"], str(r["event_id"]), r["event_type"], r["entity_type"],
+             None if r["entity_id"] is None else str(r["entity_id"]),
+             json.dumps(r["payload"]), r["created_at"].isoformat(), r["attempts"])
             for r in taken
         ]  # fmt: skip
 

@@ -1,4 +1,5 @@
 import datetime
+import json
 import uuid
 
 import pytest
@@ -11,8 +12,11 @@ X, Y = uuid.uuid4(), uuid.uuid4()
 
 
 def row(id, entity=X, event_type="issue.updated", payload=None, attempts=0):
+    """A claimed row as DatabaseConnection returns it: ids, payload and time as text."""
     payload = {"data": {"n": id}} if payload is None else payload
-    return (id, uuid.uuid4(), event_type, "issue", entity, payload, NOW, attempts)
+    entity = None if entity is None else str(entity)
+    return (id, str(uuid.uuid4()), event_type, "issue", entity, json.dumps(payload),
+            NOW.isoformat(), attempts)  # fmt: skip
 
 
 def runner(registry, max_attempts=3, publisher=None):
