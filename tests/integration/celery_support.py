@@ -109,8 +109,10 @@ class Worker:
         record_dir: Path,
         pool: str = "solo",
         env: dict[str, str] | None = None,
+        imports: tuple[str, ...] = (),
     ):
         self.queue = queue
+        self.imports = (HANDLERS_MODULE, *imports)
         self.log_path = log_path
         self.pool = pool
         self.env = {
@@ -134,7 +136,7 @@ class Worker:
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "celery_app", "worker", *pool,
-                "-Q", self.queue, "-I", HANDLERS_MODULE, "-n", f"{self.queue}@%h",
+                "-Q", self.queue, "-I", ",".join(self.imports), "-n", f"{self.queue}@%h",
                 "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "INFO",
             ],
             cwd=ROOT,
