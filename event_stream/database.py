@@ -172,6 +172,11 @@ _COLUMNS = (
 )
 
 
+def _iso_utc(column: str) -> str:
+    """ISO 8601 in UTC with microseconds, exactly as `events.iso_utc` writes it in Python."""
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
+
+
 def _as_text(alias: str) -> str:
     """The claim's output: ids, payload and timestamp as text, the way handlers get them.
 
@@ -181,7 +186,7 @@ def _as_text(alias: str) -> str:
     a = alias
     return (
         f"{a}.id, {a}.event_id::text, {a}.event_type, {a}.entity_type, {a}.entity_id::text, "
-        f"{a}.payload::text, to_json({a}.created_at) #>> '{{}}', {a}.attempts"
+        f"{a}.payload::text, {_iso_utc(a + '.created_at')}, {a}.attempts"
     )
 
 

@@ -16,9 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
-
-from event_stream.events import EventData
+from event_stream.events import EventData, decode_payload
 from event_stream.handlers import Handler, HandlerRegistry
 
 logger = logging.getLogger("event_stream.dispatch")
@@ -84,7 +82,11 @@ class BatchRunner:
             if entity_id is not None and entity_id in blocked:
                 outcome.held.append(event_id)
                 continue
-            event = _event_data(row)
+            try:
+                event = _event_data(row)
+            except ValueError as exc:
+                outcome.failures.append((event_id, f"malformed event: {exc}"))
+                continue
             if not isinstance(event["payload"], dict):
                 # Retrying cannot fix it: dead-letter at once, without running handlers.
                 outcome.failures.append((event_id, MALFORMED_PAYLOAD))
@@ -182,7 +184,7 @@ def _event_data(row: tuple) -> EventData:
         "event_type": row[2],
         "entity_type": row[3],
         "entity_id": row[4],
-        "payload": orjson.loads(payload) if isinstance(payload, str) else payload,
+        "payload": decode_payload(payload) if isinstance(payload, str) else payload,
         "processed_at": None,
         "created_at": row[6],
         "attempts": row[7],

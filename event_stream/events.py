@@ -7,8 +7,12 @@ handler sees: ids and timestamps as strings, the payload as the trigger wrote it
 from __future__ import annotations
 
 import datetime
+import json
+import re
 import uuid
 from typing import Any
+
+import orjson
 
 EventData = dict[str, Any]
 
@@ -33,7 +37,29 @@ def make_event_data(
         "payload": payload,
         # Not processed yet while handlers run: the row is marked after they all succeeded.
         "processed_at": None,
-        "created_at": created_at if isinstance(created_at, str) else created_at.isoformat(),
+        "created_at": created_at if isinstance(created_at, str) else iso_utc(created_at),
         # 0 on the first delivery; handlers may use it to tell a retry.
         "attempts": attempts,
     }
+
+
+def iso_utc(moment: datetime.datetime) -> str:
+    """`2026-03-02T10:30:00.000000+00:00`: UTC, always with microseconds (the relay's format)."""
+    return moment.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+
+
+# orjson turns integers beyond 64 bits into floats and refuses numbers beyond a double; the
+# standard library keeps them exact. Payloads with such numbers (20+ digits) are rare, so they
+# take the slow path and every other payload the fast one.
+_HUGE_NUMBER = re.compile(rb"\d{20}|\d[eE]\+?\d{3}")
+
+
+def decode_payload(text: str | bytes):
+    """The payload as Python objects, JSON types kept exactly."""
+    raw = text.encode() if isinstance(text, str) else text
+    if _HUGE_NUMBER.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)

@@ -293,3 +293,28 @@ class TestNotify:
         # project creation wrote no events; three statements wrote 50, 1 and 51 rows
         assert len(received) == 3
         assert {n.channel for n in received} == {NOTIFY_CHANNEL}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claimed_created_at_matches_make_event_data(conninfo):
+    """The relay's text timestamp and Python's are the same string, to the microsecond."""
+    import asyncio
+
+    from event_stream.database import DatabaseConnection
+    from event_stream.events import iso_utc
+
+    project = make_project()
+    issue_for(project).save()
+    row = Outbox.objects.get()
+
+    async def claim():
+        db = DatabaseConnection(conninfo)
+        await db.connect_work()
+        try:
+            return await db.fetch_and_lock_rows(10)
+        finally:
+            await db.close()
+
+    (claimed,) = asyncio.run(claim())
+    assert claimed[6] == iso_utc(row.created_at)
+    assert claimed[1] == str(row.event_id) and claimed[4] == str(row.entity_id)

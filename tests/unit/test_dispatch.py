@@ -156,3 +156,29 @@ def test_registry_rejects_a_second_function_under_one_name():
     registry.add(lambda e: None, name="x")
     with pytest.raises(ValueError, match="already registered"):
         registry.add(lambda e: None, name="x")
+
+
+def test_huge_numbers_keep_their_value_and_never_stall_the_batch():
+    seen = []
+    registry = HandlerRegistry()
+    registry.add(seen.append, name="all")
+    huge = '{"n": 123456789012345678901234567890, "big": 1e400, "small": -9223372036854775809}'
+    rows = [row(1), row(2, Y), row(3)]
+    rows[1] = (*rows[1][:5], huge, *rows[1][6:])
+
+    outcome = runner(registry).run(rows)
+
+    assert outcome.processed == [1, 2, 3]
+    payload = seen[1]["payload"]
+    assert payload["n"] == 123456789012345678901234567890
+    assert payload["small"] == -9223372036854775809
+    assert payload["big"] == float("inf")
+
+
+def test_created_at_reads_the_same_inline_and_in_celery():
+    from event_stream.events import iso_utc, make_event_data
+
+    moment = datetime.datetime(2026, 3, 2, 10, 30, tzinfo=datetime.UTC)
+    data = make_event_data(id=1, event_id=uuid.uuid4(), event_type="t", entity_type="t",
+                           entity_id=None, payload={}, created_at=moment)  # fmt: skip
+    assert data["created_at"] == iso_utc(moment) == "2026-03-02T10:30:00.000000+00:00"
