@@ -44,3 +44,16 @@ def test_blank_variables_mean_unset():
 def test_constructor_fails_fast():
     with pytest.raises(ConfigError, match="--batch-size"):
         RelaySettings(batch_size=0)
+
+
+def test_system_checks_report_bad_variables(monkeypatch):
+    from event_stream.checks import check_celery_settings, check_relay_settings
+
+    assert check_relay_settings() == [] and check_celery_settings() == []
+    monkeypatch.setenv("OUTBOX_POLLER_BATCH_SIZE", "lots")
+    monkeypatch.setenv("OUTBOX_RETENTION_DAYS", "-1")
+
+    (relay,) = check_relay_settings()
+    (celery,) = check_celery_settings()
+    assert relay.id == "event_stream.E001" and "OUTBOX_POLLER_BATCH_SIZE" in relay.msg
+    assert celery.id == "event_stream.E002" and "OUTBOX_RETENTION_DAYS" in celery.msg

@@ -12,6 +12,8 @@ from event_stream.settings import OPTIONS, ConfigError, load_settings
 
 class Command(BaseCommand):
     help = "Relay outbox events to their handlers (inline or Celery) until SIGTERM/SIGINT."
+    # The relay validates its own settings and reports a bad one in one line, exit status 2.
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         # Values stay text here: load_settings validates them and names the culprit.
