@@ -53,15 +53,49 @@ class PinnedTriggerSqlV1(compiler.UpsertTriggerSql):
         """
 
 
+class PinnedJoinTriggerSqlV1(PinnedTriggerSqlV1):
+    """`PinnedTriggerSqlV1` for a body that joins the transition tables: no nested loop.
+
+    PL/pgSQL plans the body's query once per session and keeps the plan. A transition table has
+    no statistics, only its row count at planning time; so when the first statement of a session
+    updates one row, the kept plan is a nested loop, and a later 10,000-row UPDATE in that
+    session compares 10,000 x 10,000 rows. With nested loops off for the function (restored on
+    return), the kept plan is a hash join whatever the first statement was.
+    """
+
+    def get_template(self) -> str:
+        return """
+            CREATE OR REPLACE FUNCTION {pgid}()
+            RETURNS TRIGGER AS $$
+                {declare}
+                BEGIN
+                    {func}
+                END;
+            $$ LANGUAGE plpgsql SET search_path FROM CURRENT SET enable_nestloop = off;
+
+            DROP TRIGGER IF EXISTS {pgid} ON {table};
+            CREATE {constraint} TRIGGER {pgid}
+                {when} {operation} ON {table}
+                {timing}
+                {referencing}
+                FOR EACH {level} {condition}
+                EXECUTE PROCEDURE {execute};
+
+            COMMENT ON TRIGGER {pgid} ON {table} IS '{hash}';
+        """
+
+
 class PinnedTrigger(pgtrigger.Trigger):
-    """A pgtrigger trigger installed with `PinnedTriggerSqlV1`."""
+    """A pgtrigger trigger installed with `PinnedTriggerSqlV1` (or the class's `sql_class`)."""
+
+    sql_class: type[PinnedTriggerSqlV1] = PinnedTriggerSqlV1
 
     def compile(self, model) -> compiler.Trigger:
         compiled = super().compile(model)
         sql = compiled.sql
         return compiler.Trigger(
             name=self.name,
-            sql=PinnedTriggerSqlV1(
+            sql=self.sql_class(
                 pgid=sql.pgid,
                 declare=self.render_declare(model),
                 func=self.render_func(model),
@@ -186,6 +220,8 @@ class UpdateCaptureTrigger(PinnedTrigger):
     `makemigrations` renders it again when a column is added or removed, and writes the
     changed trigger into a migration like any other change of the model.
     """
+
+    sql_class = PinnedJoinTriggerSqlV1
 
     def __init__(
         self,
