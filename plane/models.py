@@ -153,3 +153,61 @@ class CycleIssue(BaseModel):
 
     class Meta:
         triggers = capture_triggers("cycle_issue", ignore=BOOKKEEPING)
+
+
+# What the example handlers (plane/handlers.py) keep. Not captured: they are the handlers' output.
+
+
+class WebhookDelivery(models.Model):
+    """A webhook POST the receiver accepted; an event delivered again is not sent twice."""
+
+    event_id = models.UUIDField(unique=True)
+    event_type = models.CharField(max_length=255)
+    entity_id = models.UUIDField(null=True, blank=True)
+    url = models.URLField(max_length=2000)
+    status_code = models.PositiveSmallIntegerField()
+    delivered_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.event_id} -> {self.status_code}"
+
+
+class SearchDocument(models.Model):
+    """An issue as the search index sees it, one row per issue, from its latest event applied."""
+
+    issue_id = models.UUIDField(primary_key=True)
+    project_id = models.UUIDField()
+    title = models.CharField(max_length=255)
+    text = models.TextField(blank=True, default="")
+    priority = models.CharField(max_length=30)
+    state_id = models.UUIDField(null=True, blank=True)
+    deleted = models.BooleanField(default=False)
+    # The outbox id of the event applied last: an older event arriving later is ignored.
+    last_event_id = models.BigIntegerField()
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class Notification(models.Model):
+    """An in-app notification; one per event and receiver, however often the event is handled."""
+
+    event_id = models.UUIDField()
+    receiver = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications"
+    )
+    issue_id = models.UUIDField()
+    title = models.CharField(max_length=255)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    read_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["event_id", "receiver"], name="notification_once_per_event"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.title
