@@ -157,14 +157,13 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
         else:
             poller.add_handler(lambda event: None)
         task = asyncio.create_task(poller.run())
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as watch:
-            while not task.done():
-                await asyncio.sleep(0.05 if mode != "latency" else 0.5)
-                if mode != "latency" and await _drained(watch):
-                    break
-                if mode == "latency" and sys.stdin.closed:
-                    break
-            poller.stop()
+        if mode == "latency":
+            await asyncio.to_thread(sys.stdin.readline)  # the parent says stop
+        else:
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as watch:
+                while not task.done() and not await _drained(watch):
+                    await asyncio.sleep(0.05)
+        poller.stop()
         await task
         processed = poller.processed_count
     elapsed = time.perf_counter() - started
@@ -234,6 +233,9 @@ def run_relays(count: int, batch_size: int, mode: str = "relay") -> dict:
 def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> dict:
     import psycopg
 
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        # Only the events written at the steady rate count: start from an empty queue.
+        conn.execute("UPDATE outbox SET processed_at = now() WHERE processed_at IS NULL")
     relay = spawn(batch_size, "latency")
     assert relay.stdout.readline().strip() == "ready"
     relay.stdin.write("go\n")
@@ -243,7 +245,6 @@ def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> di
         # The writer must keep up with the rate; it does not wait for the disk on each commit.
         conn.execute("SET synchronous_commit = off")
         ids = [r[0] for r in conn.execute("SELECT id FROM plane_issue LIMIT 2000").fetchall()]
-        conn.execute("UPDATE outbox SET processed_at = now() WHERE processed_at IS NULL")
         total = int(rate * seconds)
         start = time.perf_counter()
         for n in range(total):
@@ -258,7 +259,8 @@ def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> di
             )
         achieved = total / (time.perf_counter() - start)
     time.sleep(1.0)
-    relay.stdin.close()
+    relay.stdin.write("stop\n")
+    relay.stdin.flush()
     report = json.loads(relay.stdout.readline())
     relay.wait()
     report["write_rate"] = achieved

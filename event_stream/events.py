@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import uuid
 from typing import Any
-
-import orjson
 
 EventData = dict[str, Any]
 
@@ -48,18 +45,10 @@ def iso_utc(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat(timespec="microseconds")
 
 
-# orjson turns integers beyond 64 bits into floats and refuses numbers beyond a double; the
-# standard library keeps them exact. Payloads with such numbers (20+ digits) are rare, so they
-# take the slow path and every other payload the fast one.
-_HUGE_NUMBER = re.compile(rb"\d{20}|\d[eE]\+?\d{3}")
+def decode_payload(text: str):
+    """The payload as Python objects, JSON types kept exactly (big integers stay integers).
 
-
-def decode_payload(text: str | bytes):
-    """The payload as Python objects, JSON types kept exactly."""
-    raw = text.encode() if isinstance(text, str) else text
-    if _HUGE_NUMBER.search(raw) is None:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(raw)
+    The standard library's decoder: orjson is faster but turns integers beyond 64 bits into
+    floats, and refuses numbers beyond a double.
+    """
+    return json.loads(text)
