@@ -318,3 +318,29 @@ def test_claimed_created_at_matches_make_event_data(conninfo):
     (claimed,) = asyncio.run(claim())
     assert claimed[6] == iso_utc(row.created_at)
     assert claimed[1] == str(row.event_id) and claimed[4] == str(row.entity_id)
+
+
+def test_update_trigger_plans_never_nest_loops_and_search_path_is_pinned():
+    """PL/pgSQL keeps a trigger query's first plan per session; after a one-row UPDATE that
+    plan must not be a nested loop over the transition tables, or a later bulk UPDATE in the
+    same session compares every old row with every new one."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT p.proname, p.proconfig FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE t.tgrelid = 'plane_issue'::regclass AND NOT t.tgisinternal"
+        )
+        configs = dict(cursor.fetchall())
+    update = [c for name, c in configs.items() if "update" in name]
+    assert update and "enable_nestloop=off" in update[0]
+    assert all(any(s.startswith("search_path=") for s in c) for c in configs.values())
+
+
+def test_bulk_update_after_a_single_row_update_in_one_session(project):
+    Issue.objects.bulk_create(issue_for(project, name=f"i{n}") for n in range(2000))
+    first = Issue.objects.filter(project=project).first()
+    clear_outbox()
+
+    Issue.objects.filter(pk=first.pk).update(priority="low")
+    Issue.objects.filter(project=project).update(priority="high")
+
+    assert Outbox.objects.filter(event_type="issue.updated").count() == 2001
