@@ -267,6 +267,14 @@ def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> di
     return report
 
 
+def print_latency(lat: dict) -> None:
+    print(
+        f"\nlatency at {lat['write_rate']:,.0f} events/s written "
+        f"({lat['latency_samples']} events): p50 {lat['p50_ms']:.1f} ms, "
+        f"p99 {lat['p99_ms']:.1f} ms; relay peak RSS {lat['maxrss_mb']:.0f} MB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -275,6 +283,7 @@ def main() -> None:
     worker.add_argument("--mode", choices=["relay", "raw", "latency"], required=True)
     parser.add_argument("--events", type=int, default=100_000, help="events per run (even)")
     parser.add_argument("--quick", action="store_true", help="skip the latency run")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency run")
     args = parser.parse_args()
     if args.command == "worker":
         worker_main(args)
@@ -284,6 +293,10 @@ def main() -> None:
     entities = args.events // 2
     rows: list[tuple] = []
     try:
+        if args.latency_only:
+            write_trigger_events(conninfo, 2000)
+            print_latency(run_latency(conninfo, rate=1000, seconds=10, batch_size=250))
+            return
         for batch in (50, 250, 1000):
             write_trigger_events(conninfo, entities)
             raw = run_relays(1, batch, "raw")
@@ -305,12 +318,7 @@ def main() -> None:
             print(f"{name:<24}{relay['rate']:>12,.0f}{raw_rate}{ratio}{relay['peak_rss_mb']:>9.0f}")
         if not args.quick:
             write_trigger_events(conninfo, 2000)
-            lat = run_latency(conninfo, rate=1000, seconds=10, batch_size=250)
-            print(
-                f"\nlatency at {lat['write_rate']:,.0f} events/s written "
-                f"({lat['latency_samples']} events): p50 {lat['p50_ms']:.1f} ms, "
-                f"p99 {lat['p99_ms']:.1f} ms; relay peak RSS {lat['maxrss_mb']:.0f} MB"
-            )
+            print_latency(run_latency(conninfo, rate=1000, seconds=10, batch_size=250))
     finally:
         drop_database(conninfo)
 
