@@ -146,7 +146,16 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
             settings=RelaySettings(batch_size=batch_size, interval_min=0.01, interval_max=0.05),
             conninfo=conninfo,
         )
-        if mode == "latency":
+        if mode == "celery":
+            # One Celery handler: the relay's figure is its publishing rate (rows processed
+            # only once the broker accepted the batch's tasks).
+            from bench.celery_publish import make_app, noop
+            from event_stream.celery_dispatch import CeleryPublisher
+
+            broker, queue = os.environ["BENCH_BROKER"], os.environ["BENCH_QUEUE"]
+            poller.publisher = CeleryPublisher(make_app(broker), queue=queue)
+            poller.add_handler(noop, name="bench.noop", dispatch="celery")
+        elif mode == "latency":
             import datetime
 
             def measure(event):
@@ -267,6 +276,50 @@ def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> di
     return report
 
 
+def run_celery(conninfo: str, entities: int, batch_size: int, end_to_end: bool) -> dict:
+    """Events/s a relay publishes with one Celery handler; with end_to_end, until one worker
+    (prefork, 2 processes) has run every task."""
+    import uuid
+
+    import redis
+
+    from bench.celery_publish import COUNTER_KEY, COUNTER_URL, delete_queue, make_app
+
+    broker = os.environ.get("BENCH_CELERY_BROKER", "redis://127.0.0.1:6379/12")
+    queue = f"bench_relay_{uuid.uuid4().hex[:8]}"
+    key = f"bench:done:{queue}"
+    os.environ.update(BENCH_BROKER=broker, BENCH_QUEUE=queue)
+    events = write_trigger_events(conninfo, entities)
+    counter = redis.Redis.from_url(broker)
+    worker = None
+    try:
+        if end_to_end:
+            env = {**os.environ, "CELERY_BROKER_URL": broker, COUNTER_URL: broker, COUNTER_KEY: key}
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool=prefork",
+                 "--concurrency=2", "-Q", queue, "-I", "bench.celery_publish",
+                 "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "ERROR"],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(5)  # the worker starts
+        started = time.perf_counter()
+        published = run_relays(1, batch_size, "celery")
+        if end_to_end:
+            while int(counter.get(key) or 0) < events:
+                if worker.poll() is not None:
+                    raise RuntimeError("the worker died")
+                time.sleep(0.05)
+            return {"rate": events / (time.perf_counter() - started), "events": events}
+        return published
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+        delete_queue(make_app(broker), queue)
+        counter.delete(key)
+        counter.close()
+
+
 def print_latency(lat: dict) -> None:
     print(
         f"\nlatency at {lat['write_rate']:,.0f} events/s written "
@@ -280,10 +333,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command")
     worker = sub.add_parser("worker")
     worker.add_argument("--batch-size", type=int, required=True)
-    worker.add_argument("--mode", choices=["relay", "raw", "latency"], required=True)
+    worker.add_argument("--mode", choices=["relay", "raw", "latency", "celery"], required=True)
     parser.add_argument("--events", type=int, default=100_000, help="events per run (even)")
     parser.add_argument("--quick", action="store_true", help="skip the latency run")
     parser.add_argument("--latency-only", action="store_true", help="only the latency run")
+    parser.add_argument("--celery", action="store_true", help="also Celery dispatch (Redis)")
     args = parser.parse_args()
     if args.command == "worker":
         worker_main(args)
@@ -316,6 +370,13 @@ def main() -> None:
                 else f"{relay['rate'] / one['rate']:>7.2f}x"
             )
             print(f"{name:<24}{relay['rate']:>12,.0f}{raw_rate}{ratio}{relay['peak_rss_mb']:>9.0f}")
+        if args.celery:
+            published = run_celery(conninfo, entities, 1000, end_to_end=False)
+            print(f"\n1 relay, 1 Celery handler, batch 1000: {published['rate']:,.0f} events/s "
+                  "published to Redis")  # fmt: skip
+            through = run_celery(conninfo, 2500, 250, end_to_end=True)
+            print(f"end to end through one worker (prefork, 2 processes): "
+                  f"{through['rate']:,.0f} events/s ({through['events']} events)")  # fmt: skip
         if not args.quick:
             write_trigger_events(conninfo, 2000)
             print_latency(run_latency(conninfo, rate=1000, seconds=10, batch_size=250))

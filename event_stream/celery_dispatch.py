@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
 from kombu.entity import maybe_delivery_mode
-from kombu.serialization import dumps
 
 from event_stream.handlers import Handler
 
@@ -165,9 +164,10 @@ class CeleryPublisher:
                 origin=origin,
                 ignore_result=True,
             )
-            content_type, content_encoding, body = dumps(
-                ((name, event_data), {}, _EMBED), serializer="json"
-            )
+            # event_data holds JSON types only (see events.py): the standard encoder writes
+            # the same document kombu's JSON serializer would, several times faster.
+            body = json.dumps(((name, event_data), {}, _EMBED))
+            content_type, content_encoding = "application/json", "utf-8"
             properties["delivery_mode"] = self._delivery_mode
             yield body, content_type, content_encoding, headers, properties
 
