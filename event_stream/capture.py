@@ -31,15 +31,21 @@ class PinnedTriggerSqlV1(compiler.UpsertTriggerSql):
     Migrations reference this class by path; a changed template ships as a new `...V2` class.
     """
 
+    # Settings of the trigger function; part of the rendered SQL, so part of its hash.
+    function_settings = "SET search_path FROM CURRENT"
+
     def get_template(self) -> str:
-        return """
+        return (
+            """
             CREATE OR REPLACE FUNCTION {pgid}()
             RETURNS TRIGGER AS $$
                 {declare}
                 BEGIN
                     {func}
                 END;
-            $$ LANGUAGE plpgsql SET search_path FROM CURRENT;
+            $$ LANGUAGE plpgsql """
+            + self.function_settings
+            + """;
 
             DROP TRIGGER IF EXISTS {pgid} ON {table};
             CREATE {constraint} TRIGGER {pgid}
@@ -51,6 +57,7 @@ class PinnedTriggerSqlV1(compiler.UpsertTriggerSql):
 
             COMMENT ON TRIGGER {pgid} ON {table} IS '{hash}';
         """
+        )
 
 
 class PinnedJoinTriggerSqlV1(PinnedTriggerSqlV1):
@@ -63,26 +70,7 @@ class PinnedJoinTriggerSqlV1(PinnedTriggerSqlV1):
     return), the kept plan is a hash join whatever the first statement was.
     """
 
-    def get_template(self) -> str:
-        return """
-            CREATE OR REPLACE FUNCTION {pgid}()
-            RETURNS TRIGGER AS $$
-                {declare}
-                BEGIN
-                    {func}
-                END;
-            $$ LANGUAGE plpgsql SET search_path FROM CURRENT SET enable_nestloop = off;
-
-            DROP TRIGGER IF EXISTS {pgid} ON {table};
-            CREATE {constraint} TRIGGER {pgid}
-                {when} {operation} ON {table}
-                {timing}
-                {referencing}
-                FOR EACH {level} {condition}
-                EXECUTE PROCEDURE {execute};
-
-            COMMENT ON TRIGGER {pgid} ON {table} IS '{hash}';
-        """
+    function_settings = "SET search_path FROM CURRENT SET enable_nestloop = off"
 
 
 class PinnedTrigger(pgtrigger.Trigger):

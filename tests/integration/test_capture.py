@@ -344,3 +344,9 @@ def test_bulk_update_after_a_single_row_update_in_one_session(project):
     Issue.objects.filter(project=project).update(priority="high")
 
     assert Outbox.objects.filter(event_type="issue.updated").count() == 2001
+
+
+def test_migrations_match_the_models_and_their_triggers():
+    from django.core.management import call_command
+
+    call_command("makemigrations", "--check", "--dry-run", verbosity=0)
