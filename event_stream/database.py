@@ -113,9 +113,25 @@ class DatabaseConnection:
         Ordered mode leaves out events that have an earlier pending event of their entity
         outside the batch.
         """
-        query = CLAIM_ORDERED_SQL if self.ordered else CLAIM_UNORDERED_SQL
-        cursor = await self._work.execute(query, {"limit": batch_size}, prepare=True)
-        return await cursor.fetchall()
+        if not self.ordered:
+            cursor = await self._work.execute(
+                CLAIM_UNORDERED_SQL, {"limit": batch_size}, prepare=True
+            )
+            return await cursor.fetchall()
+        cursor = await self._work.execute(CLAIM_ORDERED_SQL, {"limit": batch_size}, prepare=True)
+        rows = await cursor.fetchall()
+        if len(rows) < batch_size:
+            # The first rows in id order may all be blocked (the followers of an entity whose
+            # head waits for a retry): look past them, so that other entities never starve.
+            cursor = await self._work.execute(
+                CLAIM_HEADS_SQL,
+                {"limit": batch_size - len(rows), "taken": [r[0] for r in rows]},
+                prepare=True,
+            )
+            more = await cursor.fetchall()
+            if more:
+                rows = sorted(rows + more, key=lambda row: row[0])
+        return rows
 
     async def mark_processed(self, ids: Sequence[int]) -> bool:
         """Mark events handled (the seed's call); part of the open batch transaction."""
@@ -214,6 +230,21 @@ WHERE CASE WHEN NOT (SELECT found FROM gaps) THEN true
                  AND e.id NOT IN (SELECT id FROM batch))
       END
 ORDER BY b.id
+"""
+
+# The ordered claim's second look, when its batch was not full: events with no earlier pending
+# event of their entity, anywhere in the queue (the rows already taken count as pending).
+CLAIM_HEADS_SQL = f"""
+SELECT {_as_text("o")}
+FROM outbox AS o
+WHERE {_PENDING} AND o.available_at <= now() AND o.id <> ALL(%(taken)s::bigint[])
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox AS e
+      WHERE e.entity_id = o.entity_id AND e.id < o.id
+        AND e.processed_at IS NULL AND e.failed_at IS NULL)
+ORDER BY o.id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
 """
 
 CLAIM_UNORDERED_SQL = f"""

@@ -1,0 +1,78 @@
+"""The relay's claim SQL on the real PostgreSQL: what one relay may take, with others around."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from event_stream.database import DatabaseConnection
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def insert(conn, entity, n=1):
+    ids = []
+    for _ in range(n):
+        (row_id,) = conn.execute(
+            "INSERT INTO outbox (event_type, entity_type, entity_id, payload)"
+            " VALUES ('test.changed', 'test', %s, %s) RETURNING id",
+            (entity, Jsonb({})),
+        ).fetchone()
+        ids.append(row_id)
+    return ids
+
+
+def claim(conninfo, batch_size):
+    async def go():
+        db = DatabaseConnection(conninfo)
+        await db.connect_work()
+        try:
+            return [r[0] for r in await db.fetch_and_lock_rows(batch_size)]
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def conn(conninfo):
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("TRUNCATE outbox RESTART IDENTITY")
+        yield conn
+
+
+def test_a_retrying_head_blocks_only_its_entity_even_behind_many_followers(conn, conninfo):
+    # Given entity X whose first event waits for a retry, with 30 followers written before Y's
+    hot, other = uuid.uuid4(), uuid.uuid4()
+    head, *_followers = insert(conn, hot, 31)
+    conn.execute(
+        "UPDATE outbox SET available_at = now() + interval '1 hour' WHERE id = %s", (head,)
+    )
+    others = insert(conn, other, 3)
+
+    # When a relay claims 10 events, then it gets Y's first event (its next ones come in the
+    # next batch, once that one is done) and none of X's
+    assert claim(conninfo, 10) == others[:1]
+
+
+def test_events_behind_another_relays_claim_are_left_alone(conn, conninfo):
+    x, y = uuid.uuid4(), uuid.uuid4()
+    x_ids = insert(conn, x, 3)
+    y_ids = insert(conn, y, 2)
+    with psycopg.connect(conninfo) as other_relay:
+        other_relay.execute("SELECT id FROM outbox WHERE id = %s FOR UPDATE", (x_ids[0],))
+
+        taken = claim(conninfo, 100)
+
+    assert taken == y_ids
+
+
+def test_an_entitys_run_comes_in_one_batch_when_nothing_else_is_pending(conn, conninfo):
+    x, y = uuid.uuid4(), uuid.uuid4()
+    ids = insert(conn, x, 2) + insert(conn, y, 2) + insert(conn, x, 1)
+
+    assert claim(conninfo, 100) == ids
