@@ -101,6 +101,8 @@ def make_app(broker: str):
     app = Celery("bench", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.broker_url = broker
+    # Celery prefers the CELERY_BROKER_URL variable to broker_url; these two it does not.
+    app.conf.broker_write_url = app.conf.broker_read_url = broker
     return app
 
 

@@ -73,6 +73,8 @@ def make_app(broker_url: str):
     app = Celery("event_stream_tests", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.broker_url = broker_url
+    # Celery prefers the CELERY_BROKER_URL variable to broker_url; these two it does not.
+    app.conf.broker_write_url = app.conf.broker_read_url = broker_url
     app.conf.broker_connection_retry_on_startup = True
     return app
 

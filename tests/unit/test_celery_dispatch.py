@@ -28,7 +28,10 @@ def event(n: int = 1) -> dict:
 
 @pytest.fixture
 def memory_app():
-    app = Celery("unit", broker=f"memory://localhost/{uuid.uuid4().hex}", set_as_current=False)
+    url = f"memory://localhost/{uuid.uuid4().hex}"
+    app = Celery("unit", broker=url, set_as_current=False)
+    # Celery prefers the CELERY_BROKER_URL variable to broker_url; these two it does not.
+    app.conf.broker_write_url = app.conf.broker_read_url = url
     app.conf.task_serializer = "json"
     return app
 
