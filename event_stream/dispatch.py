@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from event_stream.events import EventData, decode_payload
+from event_stream.events import ClaimedEvent, EventData, decode_payload
 from event_stream.handlers import Handler, HandlerRegistry
 
 logger = logging.getLogger("event_stream.dispatch")
@@ -178,14 +178,16 @@ class BatchRunner:
 def _event_data(row: tuple) -> EventData:
     """The seed's event_data from a claimed row (ids, payload and timestamp as text)."""
     payload = row[5]
-    return {
-        "id": row[0],
-        "event_id": row[1],
-        "event_type": row[2],
-        "entity_type": row[3],
-        "entity_id": row[4],
-        "payload": decode_payload(payload) if isinstance(payload, str) else payload,
-        "processed_at": None,
-        "created_at": row[6],
-        "attempts": row[7],
-    }
+    event = ClaimedEvent(
+        id=row[0],
+        event_id=row[1],
+        event_type=row[2],
+        entity_type=row[3],
+        entity_id=row[4],
+        payload=decode_payload(payload) if isinstance(payload, str) else payload,
+        processed_at=None,
+        created_at=row[6],
+        attempts=row[7],
+    )
+    event.payload_json = payload if isinstance(payload, str) else None
+    return event

@@ -14,6 +14,13 @@ from typing import Any
 EventData = dict[str, Any]
 
 
+class ClaimedEvent(dict):
+    """An event_data dict that keeps its payload's JSON text as PostgreSQL wrote it, so that
+    publishing it to Celery need not encode the payload again."""
+
+    __slots__ = ("payload_json",)
+
+
 def make_event_data(
     *,
     id: int,

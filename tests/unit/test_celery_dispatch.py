@@ -229,3 +229,18 @@ class TestCeleryApp:
         ) == {"visibility_timeout": 60}
         with pytest.raises(ValueError, match="CELERY_BROKER_TRANSPORT_OPTIONS"):
             transport_options_from_env({"CELERY_BROKER_TRANSPORT_OPTIONS": "[1]"})
+
+
+def test_a_claimed_events_payload_text_is_spliced_into_the_task_body_unchanged():
+    import json as stdlib_json
+
+    from event_stream.celery_dispatch import _task_body
+    from event_stream.events import ClaimedEvent
+
+    event = ClaimedEvent(id=7, event_id="e", payload={"n": 12345678901234567890123}, attempts=0)
+    event.payload_json = '{"n": 12345678901234567890123}'
+
+    handler_and_event, kwargs, embed = stdlib_json.loads(_task_body("h", event))
+
+    assert handler_and_event == ["h", dict(event)]
+    assert kwargs == {} and embed["chain"] is None
