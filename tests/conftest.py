@@ -20,12 +20,8 @@ def conninfo(django_db_setup, django_db_blocker):
 @pytest.fixture
 def database_url(django_db_setup, django_db_blocker):
     """DATABASE_URL of the test database, for child processes (relays, workers)."""
-    from urllib.parse import quote
-
     from django.db import connection
 
-    s = connection.settings_dict
-    host = quote(str(s.get("HOST") or "127.0.0.1"), safe="")
-    port = s.get("PORT") or 5432
-    password = f":{quote(s['PASSWORD'], safe='')}" if s.get("PASSWORD") else ""
-    return f"postgresql://{s.get('USER') or 'postgres'}{password}@{host}:{port}/{s['NAME']}"
+    from tests.integration.celery_support import database_url as url_of
+
+    return url_of(connection.settings_dict)

@@ -19,28 +19,14 @@ from event_stream.models import Outbox
 from event_stream.replay import replay_failed
 from tests.integration.celery_support import (
     Worker,
-    database_url,
     forget_queue,
     make_app,
-    redis_url_for_tests,
     unique_queue,
     wait_until,
 )
 from tests.integration.celery_worker_handlers import runs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def broker_url():
-    return redis_url_for_tests()
-
-
-@pytest.fixture(scope="module")
-def test_database_url(django_db_setup, django_db_blocker):
-    from django.db import connection
-
-    return database_url(connection.settings_dict)
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,7 @@ from tests.integration.celery_support import (
     ROOT,
     TcpProxy,
     Worker,
-    database_url,
     forget_queue,
-    redis_url_for_tests,
     unique_queue,
     wait_until,
 )
@@ -53,18 +51,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 RELAY_MODULE = "tests.integration.relay_celery_process"
 BROKER_REFUSED = "broker did not accept the batch's tasks"
-
-
-@pytest.fixture(scope="module")
-def broker_url():
-    return redis_url_for_tests()
-
-
-@pytest.fixture(scope="module")
-def test_database_url(django_db_setup, django_db_blocker):
-    from django.db import connection
-
-    return database_url(connection.settings_dict)
 
 
 @pytest.fixture(scope="module")
