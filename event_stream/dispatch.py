@@ -83,11 +83,11 @@ class BatchRunner:
                 outcome.held.append(event_id)
                 continue
             try:
-                event = _event_data(row)
+                event = _event_data(row, decode=self.registry.needs_payload_inline(row[2]))
             except ValueError as exc:
                 outcome.failures.append((event_id, f"malformed event: {exc}"))
                 continue
-            if not isinstance(event["payload"], dict):
+            if not _is_object(event, row[5]):
                 # Retrying cannot fix it: dead-letter at once, without running handlers.
                 outcome.failures.append((event_id, MALFORMED_PAYLOAD))
                 continue
@@ -175,16 +175,29 @@ class BatchRunner:
         outcome.held.sort()
 
 
-def _event_data(row: tuple) -> EventData:
-    """The seed's event_data from a claimed row (ids, payload and timestamp as text)."""
+def _is_object(event: EventData, payload_text) -> bool:
+    if event["payload"] is not None or not isinstance(payload_text, str):
+        return isinstance(event["payload"], dict)
+    return payload_text.startswith("{")  # PostgreSQL writes a jsonb object with no indent
+
+
+def _event_data(row: tuple, decode: bool = True) -> EventData:
+    """The seed's event_data from a claimed row (ids, payload and timestamp as text).
+
+    With decode=False (no handler in the relay needs it) the payload stays text, carried as
+    `payload_json` for the Celery message, and `payload` is filled in by the worker."""
     payload = row[5]
+    if isinstance(payload, str):
+        payload_value = decode_payload(payload) if decode else None
+    else:
+        payload_value = payload
     event = ClaimedEvent(
         id=row[0],
         event_id=row[1],
         event_type=row[2],
         entity_type=row[3],
         entity_id=row[4],
-        payload=decode_payload(payload) if isinstance(payload, str) else payload,
+        payload=payload_value,
         processed_at=None,
         created_at=row[6],
         attempts=row[7],

@@ -47,6 +47,7 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, Handler] = {}
         self._by_event_type: dict[str, tuple[Handler, ...]] = {}
+        self._inline_by_event_type: dict[str, bool] = {}
 
     def add(
         self,
@@ -69,10 +70,20 @@ class HandlerRegistry:
             raise ValueError(f"another handler is already registered as {handler.name!r}")
         self._by_name[handler.name] = handler
         self._by_event_type.clear()
+        self._inline_by_event_type.clear()
         return handler
 
     def get(self, name: str) -> Handler | None:
         return self._by_name.get(name)
+
+    def needs_payload_inline(self, event_type: str) -> bool:
+        """Whether some handler of this event type runs in the relay (and so needs the
+        payload decoded there); Celery handlers get it decoded by the worker."""
+        needed = self._inline_by_event_type.get(event_type)
+        if needed is None:
+            needed = any(h.dispatch == "inline" for h in self.for_event(event_type))
+            self._inline_by_event_type[event_type] = needed
+        return needed
 
     def for_event(self, event_type: str) -> tuple[Handler, ...]:
         found = self._by_event_type.get(event_type)

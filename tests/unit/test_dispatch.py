@@ -182,3 +182,16 @@ def test_created_at_reads_the_same_inline_and_in_celery():
     data = make_event_data(id=1, event_id=uuid.uuid4(), event_type="t", entity_type="t",
                            entity_id=None, payload={}, created_at=moment)  # fmt: skip
     assert data["created_at"] == iso_utc(moment) == "2026-03-02T10:30:00.000000+00:00"
+
+
+def test_celery_only_events_are_not_decoded_in_the_relay_but_still_checked():
+    publisher = RecordingPublisher()
+    registry = HandlerRegistry()
+    registry.add(lambda e: None, "issue.*", name="remote", dispatch="celery")
+    not_an_object = (*row(2, Y)[:5], "[1, 2]", *row(2, Y)[6:])
+
+    outcome = runner(registry, publisher=publisher).run([row(1), not_an_object])
+
+    assert outcome.processed == [1]
+    assert outcome.failures == [(2, MALFORMED_PAYLOAD)]
+    assert publisher.sent == [("remote", 1)]
