@@ -238,10 +238,13 @@ CLAIM_HEADS_SQL = f"""
 SELECT {_as_text("o")}
 FROM outbox AS o
 WHERE {_PENDING} AND o.available_at <= now() AND o.id <> ALL(%(taken)s::bigint[])
-  AND NOT EXISTS (
+  -- A scalar subquery, not a bare NOT EXISTS: the planner cannot turn it into an anti join,
+  -- which on a freshly filled outbox (no statistics yet) it ran unparameterized, comparing
+  -- every candidate with every pending row. As a subplan it is one index probe per row.
+  AND NOT (SELECT EXISTS (
       SELECT 1 FROM outbox AS e
       WHERE e.entity_id = o.entity_id AND e.id < o.id
-        AND e.processed_at IS NULL AND e.failed_at IS NULL)
+        AND e.processed_at IS NULL AND e.failed_at IS NULL))
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
