@@ -86,7 +86,6 @@ class OutboxPoller:
         self.started_at = time.time()
         self.processed_count = 0
         self.failed_count = 0
-        self.batches = 0
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._error_backoff = 0.0
@@ -204,7 +203,6 @@ class OutboxPoller:
                 return 0
             outcome = await self._handle(rows)
             await self._record(outcome)
-            self.batches += 1
             return len(rows)
         except asyncio.CancelledError:
             raise
