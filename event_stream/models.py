@@ -7,6 +7,7 @@ from django.db.models import Q
 from django.db.models.functions import Now
 
 from event_stream.capture import outbox_notify_trigger
+from event_stream.events import make_event_data
 
 PENDING = Q(processed_at__isnull=True, failed_at__isnull=True)
 
@@ -73,6 +74,19 @@ class Outbox(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} #{self.id}"
+
+    def event_data(self) -> dict:
+        """The event_data dict a handler gets for this row (see events.make_event_data)."""
+        return make_event_data(
+            id=self.id,
+            event_id=self.event_id,
+            event_type=self.event_type,
+            entity_type=self.entity_type,
+            entity_id=self.entity_id,
+            payload=self.payload,
+            created_at=self.created_at,
+            attempts=self.attempts,
+        )
 
     @property
     def state(self) -> str:

@@ -98,7 +98,36 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1):
         time.sleep(interval)
 
 
-class Worker:
+class LoggedProcess:
+    """A child process writing to a log file: `start` it in a subclass; read its log; stop it."""
+
+    log_path: Path
+    process: subprocess.Popen | None = None
+    _log = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, as in production; the exit status (None if it was never started)."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return None if process is None else process.returncode
+
+
+class Worker(LoggedProcess):
     """`celery -A celery_app worker` as a child process, logging to a file."""
 
     def __init__(
@@ -153,30 +182,11 @@ class Worker:
             raise RuntimeError(f"the worker did not start:\n{self.log()[-4000:]}")
         return self
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def kill(self) -> None:
         """SIGKILL the worker (its main process): no chance to ack or requeue anything."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 class TcpProxy:

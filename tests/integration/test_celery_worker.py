@@ -14,7 +14,6 @@ import uuid
 import pytest
 
 from event_stream.celery_dispatch import TASK_NAME, CeleryPublisher, task_id_for
-from event_stream.events import make_event_data
 from event_stream.models import Outbox
 from event_stream.replay import replay_failed
 from tests.integration.celery_support import (
@@ -66,16 +65,7 @@ def outbox_event(event_type="test.changed", payload=None) -> tuple[Outbox, dict]
         payload=payload if payload is not None else {"data": {"n": 1, "name": "é"}},
     )
     row.refresh_from_db()
-    event = make_event_data(
-        id=row.id,
-        event_id=row.event_id,
-        event_type=row.event_type,
-        entity_type=row.entity_type,
-        entity_id=row.entity_id,
-        payload=row.payload,
-        created_at=row.created_at,
-        attempts=row.attempts,
-    )
+    event = row.event_data()
     return row, event
 
 

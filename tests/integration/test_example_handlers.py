@@ -16,7 +16,6 @@ import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from event_stream.events import make_event_data
 from event_stream.handlers import registry
 from event_stream.models import Outbox
 from plane.handlers import (
@@ -46,16 +45,7 @@ def project():
 
 
 def event_data(row: Outbox) -> dict:
-    return make_event_data(
-        id=row.id,
-        event_id=row.event_id,
-        event_type=row.event_type,
-        entity_type=row.entity_type,
-        entity_id=row.entity_id,
-        payload=row.payload,
-        created_at=row.created_at,
-        attempts=row.attempts,
-    )
+    return row.event_data()
 
 
 def captured(event_type: str) -> list[dict]:

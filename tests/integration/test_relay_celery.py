@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
@@ -24,12 +23,12 @@ import pytest
 from django.utils import timezone
 
 from event_stream.celery_dispatch import task_id_for
-from event_stream.events import make_event_data
 from event_stream.health import collect
 from event_stream.models import Outbox
 from event_stream.replay import replay_failed
 from tests.integration.celery_support import (
     ROOT,
+    LoggedProcess,
     TcpProxy,
     Worker,
     forget_queue,
@@ -82,7 +81,7 @@ def empty_outbox(conninfo):
         conn.execute("TRUNCATE outbox, outbox_relay RESTART IDENTITY")
 
 
-class Relay:
+class Relay(LoggedProcess):
     """A relay process (`relay_celery_process`), logging to a file."""
 
     def __init__(self, log_path: Path, env: dict[str, str]):
@@ -107,27 +106,6 @@ class Relay:
             self.stop()
             raise RuntimeError(f"the relay did not start:\n{self.log()[-4000:]}")
         return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> int | None:
-        """SIGTERM, as in production; the exit status (None if it was never started)."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return None if process is None else process.returncode
 
 
 @pytest.fixture
@@ -173,16 +151,7 @@ def event_data_of(row: Outbox) -> dict:
     which drops trailing zeros of the fraction (".18338" where Python writes ".183380"), so it
     is compared as a time, by `same_event`.
     """
-    event = make_event_data(
-        id=row.id,
-        event_id=row.event_id,
-        event_type=row.event_type,
-        entity_type=row.entity_type,
-        entity_id=row.entity_id,
-        payload=row.payload,
-        created_at=row.created_at,
-        attempts=row.attempts,
-    )
+    event = row.event_data()
     return json.loads(json.dumps(event))
 
 
