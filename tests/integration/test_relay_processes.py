@@ -51,6 +51,16 @@ def wait_ready(process, timeout=30):
     assert "relay ready" in line, line
 
 
+def drain_with_a_fresh_relay(db, database_url, timeout=30):
+    """Start a plain relay, wait until the outbox has nothing pending, stop it."""
+    relay = start_relay(database_url)
+    try:
+        wait_ready(relay)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=timeout)
+    finally:
+        stop(relay)
+
+
 @pytest.mark.parametrize("relays", [2, 3])
 def test_several_relays_handle_every_event_once_in_entity_order(db, database_url, relays):
     entities = [uuid.uuid4() for _ in range(100)]
@@ -85,12 +95,7 @@ def test_sigkill_mid_batch_loses_nothing_and_leaves_nothing_stuck(db, database_u
     assert pending_count(db) > 0
 
     # When another relay starts, then it handles every event: nothing lost, nothing stuck
-    rescuer = start_relay(database_url)
-    try:
-        wait_ready(rescuer)
-        assert wait_until(lambda: pending_count(db) == 0, timeout=30)
-    finally:
-        stop(rescuer)
+    drain_with_a_fresh_relay(db, database_url)
     handled = {r[0] for r in handled_rows(db)}
     all_ids = {r[0] for r in query(db, "SELECT id FROM outbox")}
     assert handled == all_ids
@@ -137,12 +142,7 @@ def test_second_signal_stops_at_once_and_loses_nothing(db, database_url):
     assert relay.returncode == 1, out
     # The batch was abandoned: its rows were released, none is processed, all pending again.
     assert pending_count(db) == 10
-    rescuer = start_relay(database_url)
-    try:
-        wait_ready(rescuer)
-        assert wait_until(lambda: pending_count(db) == 0, timeout=30)
-    finally:
-        stop(rescuer)
+    drain_with_a_fresh_relay(db, database_url)
 
 
 def test_failing_entity_waits_while_others_flow_then_is_dead_lettered(db, database_url):
@@ -182,12 +182,7 @@ def test_failing_entity_waits_while_others_flow_then_is_dead_lettered(db, databa
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert replay.returncode == 0, replay.stderr
-    relay = start_relay(database_url)
-    try:
-        wait_ready(relay)
-        assert wait_until(lambda: pending_count(db) == 0, timeout=20)
-    finally:
-        stop(relay)
+    drain_with_a_fresh_relay(db, database_url, timeout=20)
     assert {r[1] for r in handled_rows(db)} == {good, bad}
     assert_entity_order(db)
 
