@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BENCH_DB = "event_stream_bench_relay"
+# BENCH_RELAY_DATABASE: another name, so that two checkouts can run the benchmark at once.
+BENCH_DB = os.environ.get("BENCH_RELAY_DATABASE", "event_stream_bench_relay")
 
 
 # -- setup ---------------------------------------------------------------------------------------
@@ -130,6 +131,10 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     processed = 0
     if mode == "raw":
         async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            # The relay's default (OUTBOX_POLLER_SYNCHRONOUS_COMMIT=false): a like-for-like raw
+            # ceiling.
+            await conn.execute("SET synchronous_commit = off")
+            await conn.commit()
             while True:
                 cur = await conn.execute(CLAIM_ORDERED_SQL, {"limit": batch_size}, prepare=True)
                 rows = await cur.fetchall()

@@ -69,7 +69,11 @@ class OutboxPoller:
         if database is None:
             if conninfo is None:
                 raise ValueError("OutboxPoller needs a database or a conninfo")
-            database = DatabaseConnection(conninfo, ordered=self.settings.ordered)
+            database = DatabaseConnection(
+                conninfo,
+                ordered=self.settings.ordered,
+                synchronous_commit=self.settings.synchronous_commit,
+            )
         self.db = database
         self.registry = registry if registry is not None else HandlerRegistry()
         self.publisher = publisher

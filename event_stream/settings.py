@@ -83,6 +83,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat_interval", "--heartbeat-interval", "OUTBOX_POLLER_HEARTBEAT_INTERVAL",
            _float, lambda v: 0 < v <= 300, "a number of seconds above 0",
            "How often the relay records that it is alive (default: 5)"),
+    Option("synchronous_commit", "--synchronous-commit", "OUTBOX_POLLER_SYNCHRONOUS_COMMIT",
+           _bool, lambda v: True, "true or false",
+           "Wait for the disk when recording each batch; off, a database crash may hand the "
+           "last moment's events out again (default: false)"),
 )  # fmt: skip
 
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
@@ -101,6 +105,7 @@ class RelaySettings:
     ordered: bool = True
     shutdown_timeout: float = 30.0
     heartbeat_interval: float = 5.0
+    synchronous_commit: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
