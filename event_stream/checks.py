@@ -3,27 +3,26 @@ start of every management command (relay, worker setup, migrate), with an id to 
 
 from __future__ import annotations
 
-from django.core.checks import Error, register
-from django.core.exceptions import ImproperlyConfigured
+from collections.abc import Callable
 
-from event_stream.settings import ConfigError, load_settings
+from django.core.checks import Error, register
+
+from event_stream.settings import ConfigError, load_celery_settings, load_settings
 
 
 @register()
 def check_relay_settings(app_configs=None, **kwargs):
-    try:
-        load_settings({})
-    except ConfigError as exc:
-        return [Error(str(exc), id="event_stream.E001")]
-    return []
+    return _errors_of(load_settings, "event_stream.E001")
 
 
 @register()
 def check_celery_settings(app_configs=None, **kwargs):
-    from event_stream.tasks import task_settings
+    return _errors_of(load_celery_settings, "event_stream.E002")
 
+
+def _errors_of(load: Callable[[], object], check_id: str) -> list[Error]:
     try:
-        task_settings()
-    except ImproperlyConfigured as exc:
-        return [Error(str(exc), id="event_stream.E002")]
+        load()
+    except ConfigError as exc:
+        return [Error(str(exc), id=check_id)]
     return []

@@ -1,8 +1,10 @@
-"""The relay's settings: defaults, environment variables, flags, and their validation.
+"""The event stream's settings: defaults, environment variables, flags, and their validation.
 
-A flag beats a variable beats the default. Every value is checked when the relay starts; a bad
-one raises `ConfigError` with one line naming the flag or variable, which the command turns into
-exit status 2.
+Two tables of options, one parser. The relay's (`RELAY_OPTIONS`, `load_settings`): a flag beats
+a variable beats the default, and every value is checked when the relay starts. The Celery
+side's (`CELERY_OPTIONS`, `load_celery_settings`): variables only, read by the worker when a task
+runs and by beat's cleanup. A bad value raises `ConfigError` with one line naming the flag or
+variable; the relay's command turns it into exit status 2, the system checks into an error.
 """
 
 from __future__ import annotations
@@ -12,20 +14,31 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 
-class ConfigError(ValueError):
-    """A setting has a value the relay cannot run with."""
+
+class ConfigError(ImproperlyConfigured, ValueError):
+    """A setting has a value the relay or the Celery side cannot run with.
+
+    An ImproperlyConfigured, what Django code (the worker, beat) expects of a bad setting; a
+    ValueError, what the relay's callers catch.
+    """
 
 
 @dataclass(frozen=True)
 class Option:
     field: str
-    flag: str
+    flag: str | None  # None: a variable only; the Celery side has no command line
     env: str
     parse: Callable[[str], Any]
     check: Callable[[Any], bool]
     rule: str  # how a valid value looks, for the error message
     help: str
+
+    @property
+    def names(self) -> str:
+        """Every name a user may have set this option by, for an error message."""
+        return f"{self.flag} / {self.env}" if self.flag else self.env
 
 
 def _int(text: str) -> int:
@@ -48,7 +61,7 @@ def _bool(text: str) -> bool:
     raise ValueError("not a boolean")
 
 
-OPTIONS: tuple[Option, ...] = (
+RELAY_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", "--batch-size", "OUTBOX_POLLER_BATCH_SIZE", _int,
            lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000",
            "Number of events to process per batch (default: 250)"),
@@ -89,7 +102,7 @@ OPTIONS: tuple[Option, ...] = (
            "last moment's events out again (default: false)"),
 )  # fmt: skip
 
-OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
+RELAY_OPTIONS_BY_FIELD = {o.field: o for o in RELAY_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -108,11 +121,7 @@ class RelaySettings:
     synchronous_commit: bool = False
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            option = OPTIONS_BY_FIELD[f.name]
-            value = getattr(self, f.name)
-            if isinstance(value, bool) != (f.type == "bool") or not option.check(value):
-                raise ConfigError(f"{_names(f.name)}: must be {option.rule}, got {value!r}")
+        _check_fields(self, RELAY_OPTIONS_BY_FIELD)
         if self.interval_min > self.interval_max:
             raise ConfigError(
                 f"{_names('interval_min')} ({self.interval_min}) must not exceed "
@@ -126,28 +135,86 @@ class RelaySettings:
 
 
 def _names(field: str) -> str:
-    option = OPTIONS_BY_FIELD[field]
-    return f"{option.flag} / {option.env}"
+    return RELAY_OPTIONS_BY_FIELD[field].names
+
+
+CELERY_OPTIONS: tuple[Option, ...] = (
+    Option("max_retries", None, "OUTBOX_CELERY_MAX_RETRIES", _int,
+           lambda v: v >= 0, "an integer, 0 or more",
+           "Retries of a failing handler after its first try (default: 5)"),
+    Option("retry_backoff", None, "OUTBOX_CELERY_RETRY_BACKOFF", _float,
+           lambda v: v >= 0, "a number of seconds, 0 or more",
+           "First retry delay in seconds; doubles per retry, with jitter (default: 2)"),
+    Option("retry_backoff_max", None, "OUTBOX_CELERY_RETRY_BACKOFF_MAX", _float,
+           lambda v: v >= 0, "a number of seconds, 0 or more",
+           "Longest retry delay in seconds; with Redis, keep it below the broker's "
+           "visibility timeout, or a delayed retry is delivered twice (default: 600)"),
+    Option("retention_days", None, "OUTBOX_RETENTION_DAYS", _int,
+           lambda v: v >= 1, "a whole number of days, at least 1",
+           "Beat's cleanup deletes processed rows older than this (default: 7)"),
+)  # fmt: skip
+
+CELERY_OPTIONS_BY_FIELD = {o.field: o for o in CELERY_OPTIONS}
+
+
+@dataclass(frozen=True)
+class CelerySettings:
+    max_retries: int = 5
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 600.0
+    retention_days: int = 7
+
+    def __post_init__(self) -> None:
+        _check_fields(self, CELERY_OPTIONS_BY_FIELD)
+
+
+def _check_fields(settings: Any, options_by_field: Mapping[str, Option]) -> None:
+    """Fail fast on a value given in code, by the rules that text from outside is held to."""
+    for f in fields(settings):
+        option = options_by_field[f.name]
+        value = getattr(settings, f.name)
+        # True is an int to Python; only a bool field may hold one.
+        if isinstance(value, bool) != (f.type == "bool") or not option.check(value):
+            raise ConfigError(f"{option.names}: must be {option.rule}, got {value!r}")
 
 
 def load_settings(
     flags: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None
 ) -> RelaySettings:
-    """Settings from flags (by field name, raw text or None when not given), then environment.
+    """The relay's settings from flags (by field name, raw text or None when not given), then
+    the environment (by default os.environ, read now).
 
     Raises ConfigError naming the flag or variable whose value is bad.
     """
-    flags = flags or {}
     environ = os.environ if environ is None else environ
+    return RelaySettings(**_given_values(RELAY_OPTIONS, flags or {}, environ))
+
+
+def load_celery_settings(environ: Mapping[str, str] | None = None) -> CelerySettings:
+    """The Celery side's settings from the environment (by default os.environ, read now: a
+    task calls this each time it runs).
+
+    Raises ConfigError naming the variable whose value is bad.
+    """
+    environ = os.environ if environ is None else environ
+    return CelerySettings(**_given_values(CELERY_OPTIONS, {}, environ))
+
+
+def _given_values(
+    options: tuple[Option, ...], flags: Mapping[str, str | None], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Parsed and checked values by field, for the options given by flag or variable; the
+    others are left out, so the dataclass's default applies. A blank variable counts as unset.
+    """
     values: dict[str, Any] = {}
-    for option in OPTIONS:
+    for option in options:
         raw, source = flags.get(option.field), option.flag
         if raw is None:
             raw, source = environ.get(option.env), option.env
         if raw is None or (source == option.env and raw.strip() == ""):
             continue
         values[option.field] = _parse(option, source, raw)
-    return RelaySettings(**values)
+    return values
 
 
 def _parse(option: Option, source: str, raw: Any) -> Any:

@@ -8,15 +8,8 @@ exponential backoff and jitter; when the retries run out, the outbox row is dead
 (`failed_at`, `last_error`) so that health, `outbox_status` and the admin show it and
 `outbox_replay` can put it back.
 
-Settings, read when a task runs:
-
-    OUTBOX_CELERY_MAX_RETRIES        retries after the first failure (default 5)
-    OUTBOX_CELERY_RETRY_BACKOFF      first retry delay in seconds, doubling (default 2)
-    OUTBOX_CELERY_RETRY_BACKOFF_MAX  longest retry delay in seconds (default 600)
-    OUTBOX_RETENTION_DAYS            processed rows older than this are deleted (default 7)
-
-With Redis, keep OUTBOX_CELERY_RETRY_BACKOFF_MAX below the broker's visibility timeout, or a
-delayed retry is delivered twice.
+The OUTBOX_CELERY_* variables and OUTBOX_RETENTION_DAYS, their defaults and their rules, are
+`event_stream.settings.CELERY_OPTIONS`. They are read each time a task runs, never at import.
 """
 
 from __future__ import annotations
@@ -25,18 +18,17 @@ import asyncio
 import datetime
 import inspect
 import logging
-import os
 import random
-from dataclasses import dataclass
 
 from celery import shared_task
-from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from event_stream.celery_dispatch import TASK_NAME
+from event_stream.dispatch import RetryPolicy
 from event_stream.handlers import registry
+from event_stream.settings import CelerySettings, load_celery_settings
 
 logger = logging.getLogger("event_stream.celery")
 
@@ -44,51 +36,6 @@ CLEANUP_TASK_NAME = "event_stream.cleanup_processed"
 QUEUE_CHECK_TASK_NAME = "event_stream.check_queue_depth"
 CLEANUP_CHUNK_SIZE = 10_000  # ids per DELETE
 MAX_ERROR_LENGTH = 4_000
-
-
-@dataclass(frozen=True)
-class TaskSettings:
-    max_retries: int = 5
-    retry_backoff: float = 2.0
-    retry_backoff_max: float = 600.0
-    retention_days: int = 7
-
-    def retry_delay(self, retries: int, rand=random.random) -> float:
-        """Delay before retry number `retries + 1`: half to all of base * 2^retries, capped."""
-        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2 ** min(retries, 30))
-        return ceiling * (0.5 + rand() / 2)
-
-
-_ENV = {
-    "max_retries": ("OUTBOX_CELERY_MAX_RETRIES", int, 0, "an integer, 0 or more"),
-    "retry_backoff": ("OUTBOX_CELERY_RETRY_BACKOFF", float, 0, "a number of seconds, 0 or more"),
-    "retry_backoff_max": (
-        "OUTBOX_CELERY_RETRY_BACKOFF_MAX",
-        float,
-        0,
-        "a number of seconds, 0 or more",
-    ),
-    "retention_days": ("OUTBOX_RETENTION_DAYS", int, 1, "a whole number of days, at least 1"),
-}
-
-
-def task_settings(environ=None) -> TaskSettings:
-    """The Celery side's settings from the environment; a bad value raises ImproperlyConfigured
-    naming the variable."""
-    environ = os.environ if environ is None else environ
-    values = {}
-    for field, (env, parse, minimum, rule) in _ENV.items():
-        raw = environ.get(env, "").strip()
-        if not raw:
-            continue
-        try:
-            value = parse(raw)
-        except ValueError:
-            value = None
-        if value is None or value != value or value < minimum or value == float("inf"):
-            raise ImproperlyConfigured(f"{env}: must be {rule}, got {raw!r}")
-        values[field] = value
-    return TaskSettings(**values)
 
 
 # -- running handlers -----------------------------------------------------------------------
@@ -122,7 +69,7 @@ def run_handler(self, handler_name, event_data):
         _call(handler.func, event_data)
     except Exception as exc:
         error = f"{handler.name}: {type(exc).__name__}: {exc}"
-        settings = task_settings()
+        settings = load_celery_settings()
         retries = self.request.retries or 0
         if retries >= settings.max_retries:
             logger.error(
@@ -135,7 +82,7 @@ def run_handler(self, handler_name, event_data):
             )
             record_failure(event_data["id"], error)
             raise
-        delay = settings.retry_delay(retries)
+        delay = retry_delay(settings, retries)
         logger.warning(
             "handler %s failed on event %s (%s), attempt %d; retrying in %.1fs: %s",
             handler.name,
@@ -146,6 +93,17 @@ def run_handler(self, handler_name, event_data):
             error,
         )
         raise self.retry(exc=exc, countdown=delay, max_retries=settings.max_retries) from exc
+
+
+def retry_delay(settings: CelerySettings, retries: int, rand=random.random) -> float:
+    """Delay before retry number `retries + 1`: half to all of base * 2^retries, capped.
+
+    The relay's backoff: Celery counts retries from 0 where the policy counts attempts from 1.
+    """
+    policy = RetryPolicy(
+        settings.max_retries + 1, settings.retry_backoff, settings.retry_backoff_max
+    )
+    return policy.delay(retries + 1, rand)
 
 
 def _call(func, event_data) -> None:
@@ -181,7 +139,7 @@ def cleanup_processed(retention_days: int | None = None, chunk_size: int = CLEAN
     """
     from event_stream.models import Outbox
 
-    days = retention_days if retention_days is not None else task_settings().retention_days
+    days = retention_days if retention_days is not None else load_celery_settings().retention_days
     cutoff = timezone.now() - datetime.timedelta(days=days)
     old = Outbox.objects.filter(
         processed_at__isnull=False, failed_at__isnull=True, processed_at__lt=cutoff

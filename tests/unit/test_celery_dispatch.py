@@ -12,6 +12,7 @@ from event_stream import tasks
 from event_stream.celery_dispatch import TASK_NAME, CeleryPublisher, task_id_for
 from event_stream.events import make_event_data
 from event_stream.handlers import Handler, HandlerRegistry
+from event_stream.settings import CelerySettings
 
 
 def event(n: int = 1) -> dict:
@@ -177,46 +178,15 @@ class TestRunHandler:
         assert failures == []
 
 
-class TestTaskSettings:
-    def test_defaults(self):
-        s = tasks.task_settings({})
-        assert (s.max_retries, s.retry_backoff, s.retry_backoff_max, s.retention_days) == (
-            5,
-            2.0,
-            600.0,
-            7,
-        )
-
-    def test_from_the_environment(self):
-        s = tasks.task_settings(
-            {"OUTBOX_CELERY_MAX_RETRIES": "0", "OUTBOX_RETENTION_DAYS": "30", "X": "y"}
-        )
-        assert (s.max_retries, s.retention_days) == (0, 30)
-
-    @pytest.mark.parametrize(
-        "env, value",
-        [
-            ("OUTBOX_CELERY_MAX_RETRIES", "-1"),
-            ("OUTBOX_CELERY_MAX_RETRIES", "five"),
-            ("OUTBOX_CELERY_RETRY_BACKOFF", "nan"),
-            ("OUTBOX_CELERY_RETRY_BACKOFF_MAX", "inf"),
-            ("OUTBOX_RETENTION_DAYS", "0"),
-        ],
-    )
-    def test_a_bad_value_names_the_variable(self, env, value):
-        from django.core.exceptions import ImproperlyConfigured
-
-        with pytest.raises(ImproperlyConfigured, match=f"^{env}: must be .*{value!r}"):
-            tasks.task_settings({env: value})
-
+class TestRetryDelay:
     def test_backoff_is_exponential_with_jitter_and_capped(self):
-        s = tasks.TaskSettings(retry_backoff=2, retry_backoff_max=10)
-        assert s.retry_delay(0, rand=lambda: 0) == 1  # half of 2
-        assert s.retry_delay(0, rand=lambda: 1) == 2
-        assert s.retry_delay(1, rand=lambda: 1) == 4
-        assert s.retry_delay(2, rand=lambda: 1) == 8
-        assert s.retry_delay(3, rand=lambda: 1) == 10  # capped
-        assert s.retry_delay(100, rand=lambda: 0.5) == 7.5
+        s = CelerySettings(retry_backoff=2, retry_backoff_max=10)
+        assert tasks.retry_delay(s, 0, rand=lambda: 0) == 1  # half of 2
+        assert tasks.retry_delay(s, 0, rand=lambda: 1) == 2
+        assert tasks.retry_delay(s, 1, rand=lambda: 1) == 4
+        assert tasks.retry_delay(s, 2, rand=lambda: 1) == 8
+        assert tasks.retry_delay(s, 3, rand=lambda: 1) == 10  # capped
+        assert tasks.retry_delay(s, 100, rand=lambda: 0.5) == 7.5
 
 
 class TestCeleryApp:

@@ -7,7 +7,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 
 from event_stream.service import OutboxEventService
-from event_stream.settings import OPTIONS, ConfigError, load_settings
+from event_stream.settings import RELAY_OPTIONS, ConfigError, load_settings
 
 
 class Command(BaseCommand):
@@ -17,13 +17,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         # Values stay text here: load_settings validates them and names the culprit.
-        for option in OPTIONS:
+        for option in RELAY_OPTIONS:
             parser.add_argument(option.flag, dest=option.field, default=None, metavar="VALUE",
                                 help=f"{option.help} [env {option.env}]")  # fmt: skip
 
     def handle(self, *args, **options):
         try:
-            settings = load_settings({o.field: options.get(o.field) for o in OPTIONS})
+            settings = load_settings({o.field: options.get(o.field) for o in RELAY_OPTIONS})
         except ConfigError as exc:
             raise CommandError(str(exc), returncode=2) from None
         status = OutboxEventService(settings).start()
