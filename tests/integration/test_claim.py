@@ -76,3 +76,19 @@ def test_an_entitys_run_comes_in_one_batch_when_nothing_else_is_pending(conn, co
     ids = insert(conn, x, 2) + insert(conn, y, 2) + insert(conn, x, 1)
 
     assert claim(conninfo, 100) == ids
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_batches_are_recorded_with_the_configured_commit_mode(conninfo, synchronous):
+    # Off by default: a database crash may hand the last moment's events out again, never lose
+    # one (the events were committed by the writers). The setting turns the wait back on.
+    async def go():
+        db = DatabaseConnection(conninfo, synchronous_commit=synchronous)
+        await db.connect_work()
+        try:
+            cursor = await db._work.execute("SHOW synchronous_commit")
+            return (await cursor.fetchone())[0]
+        finally:
+            await db.close()
+
+    assert asyncio.run(go()) == ("on" if synchronous else "off")
