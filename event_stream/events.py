@@ -11,6 +11,8 @@ import json
 import uuid
 from typing import Any
 
+import orjson
+
 EventData = dict[str, Any]
 
 
@@ -52,10 +54,25 @@ def iso_utc(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat(timespec="microseconds")
 
 
+# Every digit mapped to "0", so that one substring search finds a run of 19 digits.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_DIGITS = b"0" * 19
+
+
 def decode_payload(text: str):
     """The payload as Python objects, JSON types kept exactly (big integers stay integers).
 
-    The standard library's decoder: orjson is faster but turns integers beyond 64 bits into
-    floats, and refuses numbers beyond a double.
+    orjson decodes in a third of the standard library's time (a quarter of the relay's time per
+    event went here), and agrees with it on everything PostgreSQL's jsonb can write except
+    numbers: it turns integers beyond 64 bits into floats and refuses numbers beyond a double.
+    Every integer of 18 digits or fewer fits in 64 bits, so text with no run of 19 digits (in a
+    number or, harmlessly, in a string) goes to orjson; the rest, and anything orjson refuses,
+    to the standard library, which keeps big integers exact.
     """
+    raw = text.encode()
+    if _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     return json.loads(text)

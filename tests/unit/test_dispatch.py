@@ -195,3 +195,30 @@ def test_celery_only_events_are_not_decoded_in_the_relay_but_still_checked():
     assert outcome.processed == [1]
     assert outcome.failures == [(2, MALFORMED_PAYLOAD)]
     assert publisher.sent == [("remote", 1)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"n": 999999999999999999, "m": -999999999999999999}',  # 18 digits: orjson's
+        '{"n": 9223372036854775807, "m": -9223372036854775808}',  # 64-bit edges: 19 digits
+        '{"n": 18446744073709551616, "f": 1.7976931348623157e308}',
+        '{"f": 0.1, "g": 65535.0, "h": -0.0, "i": 1.5e-7, "j": 123.456789012345678}',
+        '{"s": "1234567890123456789012 in a string", "u": "é ✓ \\u00e9 \\" \\\\ \\n"}',
+        '{"data": {"a": [1, 2.5, null, true, false, {"b": []}]}, "previous_attributes": {}}',
+        '{"big": 1e400}',
+        "[1, 2]",
+        '"just a string"',
+    ],
+)
+def test_payload_decoding_agrees_with_the_standard_library_on_values_and_types(text):
+    from event_stream.events import decode_payload
+
+    def typed(value):
+        if isinstance(value, dict):
+            return {k: typed(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [typed(v) for v in value]
+        return (type(value).__name__, value)
+
+    assert typed(decode_payload(text)) == typed(json.loads(text))
