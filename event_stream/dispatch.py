@@ -69,50 +69,50 @@ class BatchRunner:
 
     def run(self, rows: Sequence[tuple]) -> BatchOutcome:
         """Handle rows (id, event_id, event_type, entity_type, entity_id, payload, created_at,
-        attempts), in id order."""
+        attempts), in id order.
+
+        The per-event path is kept to a few dictionary lookups: at tens of thousands of events a
+        second, every function call here is a measurable share of the relay's time.
+        """
         outcome = BatchOutcome()
+        processed, held, failures = outcome.processed, outcome.held, outcome.failures
         blocked: set = set()  # entities with an earlier event not done in this batch
-        entity_of: dict[int, object] = {}
         to_publish: list[tuple[Handler, EventData]] = []
         publish_ids: list[int] = []
+        route = self.registry.route
 
         for row in rows:
-            event_id, entity_id, attempts = row[0], row[4], row[7]
-            entity_of[event_id] = entity_id
+            event_id, entity_id = row[0], row[4]
             if entity_id is not None and entity_id in blocked:
-                outcome.held.append(event_id)
+                held.append(event_id)
                 continue
+            inline, celery = route(row[2])
             try:
-                event = _event_data(row, decode=self.registry.needs_payload_inline(row[2]))
+                event = _event_data(row, decode=bool(inline))
             except ValueError as exc:
-                outcome.failures.append((event_id, f"malformed event: {exc}"))
+                failures.append((event_id, f"malformed event: {exc}"))
                 continue
             if not _is_object(event, row[5]):
                 # Retrying cannot fix it: dead-letter at once, without running handlers.
-                outcome.failures.append((event_id, MALFORMED_PAYLOAD))
+                failures.append((event_id, MALFORMED_PAYLOAD))
                 continue
-            handlers = self.registry.for_event(event["event_type"])
-            error = self._run_inline(handlers, event)
+            error = self._run_inline(inline, event) if inline else None
             if error is not None:
-                self._schedule_retry_or_fail(outcome, event_id, attempts + 1, error)
+                self._schedule_retry_or_fail(outcome, event_id, row[7] + 1, error)
                 if entity_id is not None and self.ordered:
                     blocked.add(entity_id)
-                continue
-            celery = [(h, event) for h in handlers if h.dispatch == "celery"]
-            if celery:
-                to_publish.extend(celery)
+            elif celery:
+                to_publish.extend([(h, event) for h in celery])
                 publish_ids.append(event_id)
             else:
-                outcome.processed.append(event_id)
+                processed.append(event_id)
 
         if to_publish:
-            self._publish(outcome, to_publish, publish_ids, entity_of)
+            self._publish(outcome, to_publish, publish_ids, {row[0]: row[4] for row in rows})
         return outcome
 
     def _run_inline(self, handlers: Sequence[Handler], event: EventData) -> str | None:
         for handler in handlers:
-            if handler.dispatch != "inline":
-                continue
             try:
                 self._call(handler, event)
             except Exception as exc:

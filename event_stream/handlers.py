@@ -47,7 +47,7 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, Handler] = {}
         self._by_event_type: dict[str, tuple[Handler, ...]] = {}
-        self._inline_by_event_type: dict[str, bool] = {}
+        self._route_by_event_type: dict[str, tuple] = {}
 
     def add(
         self,
@@ -70,20 +70,26 @@ class HandlerRegistry:
             raise ValueError(f"another handler is already registered as {handler.name!r}")
         self._by_name[handler.name] = handler
         self._by_event_type.clear()
-        self._inline_by_event_type.clear()
+        self._route_by_event_type.clear()
         return handler
 
     def get(self, name: str) -> Handler | None:
         return self._by_name.get(name)
 
-    def needs_payload_inline(self, event_type: str) -> bool:
-        """Whether some handler of this event type runs in the relay (and so needs the
-        payload decoded there); Celery handlers get it decoded by the worker."""
-        needed = self._inline_by_event_type.get(event_type)
-        if needed is None:
-            needed = any(h.dispatch == "inline" for h in self.for_event(event_type))
-            self._inline_by_event_type[event_type] = needed
-        return needed
+    def route(self, event_type: str) -> tuple[tuple[Handler, ...], tuple[Handler, ...]]:
+        """The handlers of an event type that run in the relay, and those sent to Celery.
+
+        Only the first kind needs the payload decoded in the relay; Celery handlers get it
+        decoded by the worker."""
+        found = self._route_by_event_type.get(event_type)
+        if found is None:
+            handlers = self.for_event(event_type)
+            found = (
+                tuple(h for h in handlers if h.dispatch == "inline"),
+                tuple(h for h in handlers if h.dispatch == "celery"),
+            )
+            self._route_by_event_type[event_type] = found
+        return found
 
     def for_event(self, event_type: str) -> tuple[Handler, ...]:
         found = self._by_event_type.get(event_type)
