@@ -3,8 +3,9 @@
 Declare them in a captured model's `Meta.triggers` with `capture_triggers(...)`; `makemigrations`
 writes them into migrations (django-pgtrigger). Each trigger is statement-level with a
 transition table, so a 1,000-row `UPDATE` costs one `INSERT ... SELECT` into the outbox, not
-1,000 function calls. The difference between old and new row is one jsonb expression generated
-from the model's columns, keeping JSON types (an int stays an int, null stays null).
+1,000 function calls. The payload is built as `json` text (`row_to_json`), which the outbox
+stores as written; the difference between old and new row is one expression generated from the
+model's columns, keeping JSON types (an int stays an int, null stays null).
 
 What we do differently from Plane's own triggers: nothing here catches errors. If the outbox
 insert fails, the business write fails with it; an event is never dropped silently.
@@ -119,7 +120,7 @@ def _insert_events_sql(entity_type: str, pk_column: str, event_type_sql: str, ro
 def created_func(entity_type: str, pk_column: str) -> str:
     rows = f"""
         SELECT r.{pk_column} AS entity_id,
-               jsonb_build_object('data', to_jsonb(r), 'previous_attributes', '{{}}'::jsonb)
+               json_build_object('data', row_to_json(r), 'previous_attributes', '{{}}'::json)
                    AS payload
         FROM new_rows AS r"""
     return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.created"), rows)
@@ -130,7 +131,7 @@ def deleted_func(entity_type: str, pk_column: str, soft_delete_column: str | Non
     already_announced = f"WHERE r.{soft_delete_column} IS NULL" if soft_delete_column else ""
     rows = f"""
         SELECT r.{pk_column} AS entity_id,
-               jsonb_build_object('data', to_jsonb(r), 'previous_attributes', '{{}}'::jsonb)
+               json_build_object('data', row_to_json(r), 'previous_attributes', '{{}}'::json)
                    AS payload
         FROM old_rows AS r {already_announced}"""
     return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
@@ -192,9 +193,9 @@ def updated_func(
     return f"""
         INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
         SELECT {event_type}, {_sql_text(entity_type)}, n.{pk},
-               jsonb_build_object(
-                   'data', to_jsonb(n),
-                   'previous_attributes', {changed})
+               json_build_object(
+                   'data', row_to_json(n),
+                   'previous_attributes', ({changed})::json)
         FROM new_rows AS n
         JOIN old_rows AS o ON o.{pk} = n.{pk}
         WHERE {any_change};
