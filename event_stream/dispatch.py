@@ -178,7 +178,9 @@ class BatchRunner:
 def _is_object(event: EventData, payload_text) -> bool:
     if event["payload"] is not None or not isinstance(payload_text, str):
         return isinstance(event["payload"], dict)
-    return payload_text.startswith("{")  # PostgreSQL writes a jsonb object with no indent
+    # Valid JSON (PostgreSQL checked it on the way in), so a leading brace means an object; a
+    # `json` column keeps the text as written, whitespace included.
+    return payload_text.lstrip().startswith("{")
 
 
 def _event_data(row: tuple, decode: bool = True) -> EventData:

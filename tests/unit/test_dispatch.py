@@ -189,12 +189,13 @@ def test_celery_only_events_are_not_decoded_in_the_relay_but_still_checked():
     registry = HandlerRegistry()
     registry.add(lambda e: None, "issue.*", name="remote", dispatch="celery")
     not_an_object = (*row(2, Y)[:5], "[1, 2]", *row(2, Y)[6:])
+    written_by_hand = (*row(3)[:5], ' \n {"message": "Hello"}', *row(3)[6:])
 
-    outcome = runner(registry, publisher=publisher).run([row(1), not_an_object])
+    outcome = runner(registry, publisher=publisher).run([row(1), not_an_object, written_by_hand])
 
-    assert outcome.processed == [1]
+    assert outcome.processed == [1, 3]
     assert outcome.failures == [(2, MALFORMED_PAYLOAD)]
-    assert publisher.sent == [("remote", 1)]
+    assert publisher.sent == [("remote", 1), ("remote", 3)]
 
 
 @pytest.mark.parametrize(
