@@ -80,20 +80,20 @@ class BatchRunner:
         to_publish: list[tuple[Handler, EventData]] = []
         publish_ids: list[int] = []
         route = self.registry.route
-        # One check for long numbers over the whole batch instead of one per payload (see
-        # decode_payload); the comma keeps two payloads' digits from forming one run.
-        digits_checked = not has_long_digit_run(
-            ",".join([row[5] for row in rows if isinstance(row[5], str)])
-        )
+        no_long_numbers = _chunks_without_long_numbers(rows)
 
-        for row in rows:
+        for index, row in enumerate(rows):
             event_id, entity_id = row[0], row[4]
             if entity_id is not None and entity_id in blocked:
                 held.append(event_id)
                 continue
             inline, celery = route(row[2])
             try:
-                event = _event_data(row, decode=bool(inline), digits_checked=digits_checked)
+                event = _event_data(
+                    row,
+                    decode=bool(inline),
+                    digits_checked=no_long_numbers[index // LONG_NUMBER_CHUNK],
+                )
             except ValueError as exc:
                 failures.append((event_id, f"malformed event: {exc}"))
                 continue
@@ -178,6 +178,22 @@ class BatchRunner:
                 still_done.append(event_id)
         outcome.processed = still_done
         outcome.held.sort()
+
+
+# Payloads checked for long numbers at once (see decode_payload): one check per payload costs
+# more, one over a whole batch holds a second copy of the batch's payloads in memory.
+LONG_NUMBER_CHUNK = 64
+
+
+def _chunks_without_long_numbers(rows: Sequence[tuple]) -> list[bool]:
+    """Per chunk of LONG_NUMBER_CHUNK rows: True when none of its payloads holds a run of 19
+    digits. The comma keeps two payloads' digits from forming one run."""
+    return [
+        not has_long_digit_run(
+            ",".join([row[5] for row in rows[i : i + LONG_NUMBER_CHUNK] if isinstance(row[5], str)])
+        )
+        for i in range(0, len(rows), LONG_NUMBER_CHUNK)
+    ]
 
 
 def _is_object(event: EventData, payload_text) -> bool:
