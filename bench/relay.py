@@ -120,7 +120,7 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     """Run a relay (or the bare loop) until the outbox is drained; report what it did."""
     import psycopg
 
-    from event_stream.database import CLAIM_ORDERED_SQL, MARK_PROCESSED_SQL, id_array
+    from event_stream.database import DatabaseConnection
     from event_stream.poller import OutboxPoller
     from event_stream.settings import RelaySettings
 
@@ -130,23 +130,19 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     started = time.perf_counter()
     processed = 0
     if mode == "raw":
-        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-            # The relay's default (OUTBOX_POLLER_SYNCHRONOUS_COMMIT=false): a like-for-like raw
-            # ceiling.
-            await conn.execute("SET synchronous_commit = off")
-            await conn.commit()
+        # The relay's own DatabaseConnection (same claim SQL, same commit mode), no handlers.
+        db = DatabaseConnection(conninfo)
+        await db.connect_work()
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as watch:
             while True:
-                cur = await conn.execute(CLAIM_ORDERED_SQL, {"limit": batch_size}, prepare=True)
-                rows = await cur.fetchall()
-                if not rows:
-                    await conn.commit()
-                    if await _drained(conn):
-                        break
-                    continue
-                ids = id_array([r[0] for r in rows])
-                await conn.execute(MARK_PROCESSED_SQL, (ids,), prepare=True)
-                await conn.commit()
+                rows = await db.fetch_and_lock_rows(batch_size)
+                if rows:
+                    await db.mark_processed([r[0] for r in rows])
+                await db.commit()
                 processed += len(rows)
+                if not rows and await _drained(watch):
+                    break
+        await db.close()
     else:
         poller = OutboxPoller(
             settings=RelaySettings(batch_size=batch_size, interval_min=0.01, interval_max=0.05),

@@ -7,7 +7,7 @@ ORM inside its loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
@@ -133,8 +133,10 @@ class DatabaseConnection:
             )
             return await cursor.fetchall()
         cursor = await self._work.execute(CLAIM_ORDERED_SQL, {"limit": batch_size}, prepare=True)
-        rows = await cursor.fetchall()
-        if len(rows) < batch_size:
+        result = await cursor.fetchall()
+        scanned = result[0][-1]
+        rows = [row[:-1] for row in result if row[0] is not None]
+        if len(rows) < batch_size and scanned == batch_size:
             # The first rows in id order may all be blocked (the followers of an entity whose
             # head waits for a retry): look past them, so that other entities never starve.
             cursor = await self._work.execute(
@@ -165,6 +167,20 @@ class DatabaseConnection:
             ids, errors = zip(*failures, strict=True)
             await self._work.execute(FAIL_SQL, (list(ids), list(errors)))
 
+    async def finish_batch(
+        self,
+        processed: Sequence[int],
+        retries: Sequence[tuple[int, float, str]],
+        failures: Sequence[tuple[int, str]],
+    ) -> None:
+        """Record a batch's outcome and commit, in one round trip (pipeline mode): at a low
+        event rate the round trips, not the statements, are what an event waits for."""
+        async with self._work.pipeline():
+            await self.mark_processed(processed)
+            await self.schedule_retries(retries)
+            await self.mark_failed(failures)
+            await self._work.commit()
+
     async def commit(self) -> None:
         await self._work.commit()
 
@@ -177,10 +193,13 @@ class DatabaseConnection:
     async def listen(self, channel: str) -> None:
         await self._control.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
-    async def wait_for_notifications(self, timeout: float) -> int:
-        """How many notifications arrived within `timeout` seconds (returns at the first)."""
+    async def wait_for_notifications(self, timeout: float, on_arrival: Callable[[], None]) -> int:
+        """Call `on_arrival` for each notification that arrives within `timeout` seconds; returns
+        how many came. One wait for all of them: at a thousand writes a second, starting a new
+        wait per notification cost the event loop more than the notifications themselves."""
         count = 0
-        async for _ in self._control.notifies(timeout=timeout, stop_after=1):
+        async for _ in self._control.notifies(timeout=timeout):
+            on_arrival()
             count += 1
         return count
 
@@ -231,6 +250,9 @@ def _as_text(alias: str) -> str:
 # exist where the batch has gaps: when every pending event up to the batch's last id is in the
 # batch, nothing needs checking, and the common single-relay claim costs no per-row lookups.
 # Rows left out stay locked until the batch ends; they are blocked anyway.
+# The last column, on every row, is how many rows the locking scan took (`scanned`); when there
+# is nothing to return, one row of NULLs carries it. Fewer than the limit means the scan saw
+# every available event, so the second look (below) would find nothing more.
 CLAIM_ORDERED_SQL = f"""
 WITH batch AS MATERIALIZED (
     SELECT {_COLUMNS}
@@ -243,16 +265,19 @@ WITH batch AS MATERIALIZED (
     SELECT (SELECT count(*) FROM outbox AS o
             WHERE {_PENDING} AND o.id <= (SELECT max(id) FROM batch))
            > (SELECT count(*) FROM batch) AS found
+), taken AS (
+    SELECT {_as_text("b")} FROM batch AS b
+    WHERE CASE WHEN NOT (SELECT found FROM gaps) THEN true
+               ELSE b.entity_id IS NULL OR NOT EXISTS (
+                   SELECT 1 FROM outbox AS e
+                   WHERE e.entity_id = b.entity_id AND e.id < b.id
+                     AND e.processed_at IS NULL AND e.failed_at IS NULL
+                     AND e.id NOT IN (SELECT id FROM batch))
+          END
 )
-SELECT {_as_text("b")} FROM batch AS b
-WHERE CASE WHEN NOT (SELECT found FROM gaps) THEN true
-           ELSE b.entity_id IS NULL OR NOT EXISTS (
-               SELECT 1 FROM outbox AS e
-               WHERE e.entity_id = b.entity_id AND e.id < b.id
-                 AND e.processed_at IS NULL AND e.failed_at IS NULL
-                 AND e.id NOT IN (SELECT id FROM batch))
-      END
-ORDER BY b.id
+SELECT taken.*, scan.scanned
+FROM (SELECT count(*) AS scanned FROM batch) AS scan LEFT JOIN taken ON true
+ORDER BY taken.id
 """
 
 # The ordered claim's second look, when its batch was not full: events with no earlier pending

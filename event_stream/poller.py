@@ -229,10 +229,7 @@ class OutboxPoller:
         return await self._handler_thread.run(runner.run, rows)
 
     async def _record(self, outcome: BatchOutcome) -> None:
-        await self.db.mark_processed(outcome.processed)
-        await self.db.schedule_retries(outcome.retries)
-        await self.db.mark_failed(outcome.failures)
-        await self.db.commit()
+        await self.db.finish_batch(outcome.processed, outcome.retries, outcome.failures)
         if outcome.publish_error is None:
             self._error_backoff = 0.0
         self.processed_count += len(outcome.processed)
@@ -287,8 +284,7 @@ class OutboxPoller:
                     await self.db.record_heartbeat(self.heartbeat())
                     next_beat = time.monotonic() + self.settings.heartbeat_interval
                 wait = max(0.05, min(1.0, next_beat - time.monotonic()))
-                if await self.db.wait_for_notifications(wait):
-                    self._wakeup.set()
+                await self.db.wait_for_notifications(wait, self._wakeup.set)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

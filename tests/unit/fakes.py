@@ -92,6 +92,12 @@ class FakeDatabase:
     async def mark_failed(self, failures):
         self._pending_changes += [(i, "failed", error) for i, error in failures]
 
+    async def finish_batch(self, processed, retries, failures):
+        await self.mark_processed(processed)
+        await self.schedule_retries(retries)
+        await self.mark_failed(failures)
+        await self.commit()
+
     async def commit(self):
         for row_id, state, error in self._pending_changes:
             row = self.rows[row_id]
@@ -111,12 +117,13 @@ class FakeDatabase:
     async def listen(self, channel):
         self.listening.append(channel)
 
-    async def wait_for_notifications(self, timeout):
+    async def wait_for_notifications(self, timeout, on_arrival):
         try:
             await asyncio.wait_for(self.notifications.get(), timeout)
-            return 1
         except TimeoutError:
             return 0
+        on_arrival()
+        return 1
 
     async def record_heartbeat(self, beat):
         self.heartbeats.append(dict(beat))
