@@ -92,3 +92,14 @@ def test_batches_are_recorded_with_the_configured_commit_mode(conninfo, synchron
             await db.close()
 
     assert asyncio.run(go()) == ("on" if synchronous else "off")
+
+
+def test_an_empty_or_fully_blocked_queue_claims_nothing(conn, conninfo):
+    # The claim's one row of NULLs (it carries how far the scan went) never reaches the caller.
+    assert claim(conninfo, 10) == []
+    entity = uuid.uuid4()
+    head = insert(conn, entity, 3)[0]
+    conn.execute(
+        "UPDATE outbox SET available_at = now() + interval '1 hour' WHERE id = %s", (head,)
+    )
+    assert claim(conninfo, 10) == []  # the followers wait for their head's retry
