@@ -183,7 +183,7 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     report = {
         "processed": processed,
         "elapsed": elapsed,
-        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "maxrss_mb": peak_rss_mb(),
     }
     if latencies:
         latencies.sort()
@@ -191,6 +191,20 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
         report["p99_ms"] = latencies[int(len(latencies) * 0.99) - 1] * 1000
         report["latency_samples"] = len(latencies)
     return report
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across exec, so a worker would report the benchmark parent's size when it forked
+    (Django loaded, and growing from run to run) whenever that is larger than its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def _drained(conn) -> bool:
