@@ -52,6 +52,9 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 _EMBED_JSON = json.dumps(_EMBED)
 
+# Markers in a batch's Redis entry skeleton (see CeleryPublisher._send_redis).
+_TASK_ID, _ARGSREPR, _DELIVERY_TAG = "@@task-id@@", "@@argsrepr@@", "@@delivery-tag@@"
+
 
 def _task_body(handler_name: str, event_data: dict) -> str:
     """The JSON body of one task: `[[handler_name, event_data], {}, embed]`.
@@ -273,25 +276,59 @@ class CeleryPublisher:
         """
         channel = self._channel
         encoding = channel.body_encoding
-        delivery_info = {"exchange": self._exchange, "routing_key": self._routing_key}
         payloads = []
-        for message in messages:
-            prepared = self._prepare(channel, message)
-            body, body_encoding = channel.encode_body(prepared.pop("body"), encoding)
-            properties = prepared["properties"]
-            properties["body_encoding"] = body_encoding
-            # Unique per message, as kombu's uuid4 tags are, without a system call each.
-            properties["delivery_tag"] = f"{self._tag_prefix}{next(self._tags)}"
-            properties["delivery_info"] = dict(delivery_info)
-            if body_encoding == "base64":
-                # Base64 needs no JSON escaping: splice the (large) body in instead of encoding
-                # it a second time. Same JSON document as json.dumps({"body": body, ...}).
-                payloads.append(f'{{"body": "{body}", {json.dumps(prepared)[1:]}')
-            else:
-                prepared["body"] = body
-                payloads.append(json.dumps(prepared))
+        skeleton = None
+        for body, content_type, content_encoding, headers, properties in messages:
+            body, body_encoding = channel.encode_body(body, encoding)
+            if body_encoding != "base64":
+                payloads.append(
+                    self._redis_entry(
+                        (body, content_type, content_encoding, headers, properties), body_encoding
+                    )
+                )
+                continue
+            if skeleton is None:
+                skeleton = self._redis_skeleton(content_type, content_encoding, headers)
+            # Base64 and the ids need no JSON escaping beyond what json.dumps gives a string:
+            # fill the batch's skeleton instead of encoding every message's dicts again.
+            payloads.append(
+                f'{{"body": "{body}", '
+                + skeleton.replace(_TASK_ID, json.dumps(headers["id"])[1:-1])
+                .replace(_ARGSREPR, json.dumps(headers["argsrepr"])[1:-1])
+                .replace(_DELIVERY_TAG, f"{self._tag_prefix}{next(self._tags)}")
+            )
         with channel.conn_or_acquire() as client:
             client.lpush(self._redis_key, *payloads)
+
+    def _redis_entry(self, message, body_encoding) -> str:
+        """One entry as kombu's Redis channel writes it (any body encoding)."""
+        prepared = self._prepare(self._channel, message)
+        prepared["properties"].update(
+            body_encoding=body_encoding,
+            delivery_tag=f"{self._tag_prefix}{next(self._tags)}",
+            delivery_info={"exchange": self._exchange, "routing_key": self._routing_key},
+        )
+        return json.dumps(prepared)
+
+    def _redis_skeleton(self, content_type, content_encoding, headers) -> str:
+        """The JSON of an entry after its body, with markers where each message's own task id,
+        argsrepr and delivery tag go (the headers of a batch differ in nothing else)."""
+        marked = dict(headers, id=_TASK_ID, root_id=_TASK_ID, argsrepr=_ARGSREPR)
+        properties = {
+            "correlation_id": _TASK_ID,
+            "reply_to": "",
+            "delivery_mode": self._delivery_mode,
+        }
+        prepared = self._channel.prepare_message(
+            "", 0, content_type, content_encoding, marked, properties
+        )
+        del prepared["body"]
+        prepared["properties"].update(
+            body_encoding="base64",
+            delivery_tag=_DELIVERY_TAG,
+            delivery_info={"exchange": self._exchange, "routing_key": self._routing_key},
+        )
+        return json.dumps(prepared)[1:]
 
     def _setup_confirms(self, channel) -> None:
         channel.confirm_select()

@@ -97,8 +97,18 @@ def test_big_batches_arrive_whole_and_in_order(redis_client):
 
     assert client.llen(queue) == 2_500
     # Workers take from the right end (BRPOP): publication order
-    delivered = [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)[::-1]]
-    assert delivered == [task_id_for(e["event_id"], "test.record") for e in events]
+    entries = [json.loads(m) for m in client.lrange(queue, 0, -1)[::-1]]
+    expected = [task_id_for(e["event_id"], "test.record") for e in events]
+    assert [m["headers"]["id"] for m in entries] == expected
+    # Each entry is filled in from the batch's skeleton: its own ids, argsrepr, tag and body.
+    assert [m["headers"]["root_id"] for m in entries] == expected
+    assert [m["properties"]["correlation_id"] for m in entries] == expected
+    assert all(
+        e["event_id"] in m["headers"]["argsrepr"] for e, m in zip(events, entries, strict=True)
+    )
+    assert len({m["properties"]["delivery_tag"] for m in entries}) == 2_500
+    bodies = [json.loads(base64.b64decode(m["body"]))[0][1] for m in entries]
+    assert [b["event_id"] for b in bodies] == [e["event_id"] for e in events]
 
 
 def test_an_empty_batch_needs_no_broker():
