@@ -35,6 +35,8 @@ def test_a_flag_beats_a_variable_beats_the_default():
         ({"memory_limit": "1.5"}, {"OUTBOX_POLLER_MEMORY_LIMIT_MB": "1.5"}, "OUTBOX_POLLER_MEMORY"),
         ({"memory_check_interval": "0"}, {}, "--memory-check-interval"),
         ({}, {"OUTBOX_POLLER_ORDERED": "perhaps"}, "OUTBOX_POLLER_ORDERED"),
+        ({"synchronous_commit": "sometimes"}, {}, "--synchronous-commit"),
+        ({}, {"OUTBOX_POLLER_SYNCHRONOUS_COMMIT": "2"}, "OUTBOX_POLLER_SYNCHRONOUS_COMMIT"),
         ({"interval_min": "3", "interval_max": "1"}, {}, "--interval-min"),
     ],
 )
@@ -42,6 +44,14 @@ def test_bad_values_name_their_flag_or_variable(flags, env, named):
     with pytest.raises(ConfigError, match=named) as err:
         load_settings(flags, env)
     assert "\n" not in str(err.value)
+
+
+def test_batches_are_recorded_without_waiting_for_the_disk_unless_asked():
+    assert load_settings({}, {}).synchronous_commit is False
+    assert load_settings({}, {"OUTBOX_POLLER_SYNCHRONOUS_COMMIT": "true"}).synchronous_commit
+    assert not load_settings(
+        {"synchronous_commit": "off"}, {"OUTBOX_POLLER_SYNCHRONOUS_COMMIT": "on"}
+    ).synchronous_commit
 
 
 def test_blank_variables_mean_unset():
