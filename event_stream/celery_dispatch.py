@@ -52,6 +52,8 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 _EMBED_JSON = json.dumps(_EMBED)
 
+CONTENT_TYPE, CONTENT_ENCODING = "application/json", "utf-8"
+
 # Markers in a batch's Redis entry skeleton (see CeleryPublisher._send_redis).
 _TASK_ID, _ARGSREPR, _DELIVERY_TAG = "@@task-id@@", "@@argsrepr@@", "@@delivery-tag@@"
 
@@ -143,7 +145,7 @@ class CeleryPublisher:
             try:
                 sender = self._ensure_connected()
                 for start in range(0, len(items), self.chunk_size):
-                    sender(self._messages(items[start : start + self.chunk_size]))
+                    sender(self._tasks(items[start : start + self.chunk_size]))
             except PublishError:
                 self._discard_connection()
                 raise
@@ -171,30 +173,31 @@ class CeleryPublisher:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _messages(self, items):
-        """(body, content_type, content_encoding, headers, properties) of each task.
-
-        Celery's `as_task_v2` builds the headers once per batch; each message gets a copy with
-        its own ids (the headers of these tasks differ in nothing else).
-        """
-        template, _, _, _ = self.app.amqp.as_task_v2(
-            "", TASK_NAME, kwargsrepr="{}", origin=self._origin, ignore_result=True
-        )
+    def _tasks(self, items):
+        """(task_id, argsrepr, body) of each task: all that differs between the messages."""
         for handler, event_data in items:
             name = handler if isinstance(handler, str) else handler.name
             event_id = event_data["event_id"]
-            task_id = task_id_for(event_id, name)
-            headers = dict(template)
-            headers["id"] = headers["root_id"] = task_id
             # Never the payload in logs and monitors: just what identifies the task.
-            headers["argsrepr"] = f"({name!r}, <event {event_id} {event_data.get('event_type')}>)"
-            properties = {
-                "correlation_id": task_id,
-                "reply_to": "",
-                "delivery_mode": self._delivery_mode,
-            }
-            body = _task_body(name, event_data)
-            yield body, "application/json", "utf-8", headers, properties
+            argsrepr = f"({name!r}, <event {event_id} {event_data.get('event_type')}>)"
+            yield task_id_for(event_id, name), argsrepr, _task_body(name, event_data)
+
+    def _headers_template(self) -> dict:
+        """Celery's headers of these tasks (`as_task_v2`), built once per chunk."""
+        template, _, _, _ = self.app.amqp.as_task_v2(
+            "", TASK_NAME, kwargsrepr="{}", origin=self._origin, ignore_result=True
+        )
+        return template
+
+    def _message(self, template: dict, task_id: str, argsrepr: str) -> tuple[dict, dict]:
+        """(headers, properties) of one task: the template with the task's own ids."""
+        headers = dict(template, id=task_id, root_id=task_id, argsrepr=argsrepr)
+        properties = {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": self._delivery_mode,
+        }
+        return headers, properties
 
     # -- connection -------------------------------------------------------------------------
 
@@ -262,73 +265,59 @@ class CeleryPublisher:
 
     # -- senders ----------------------------------------------------------------------------
 
-    def _prepare(self, channel, message):
-        body, content_type, content_encoding, headers, properties = message
-        return channel.prepare_message(body, 0, content_type, content_encoding, headers, properties)
+    def _prepare(self, template, task_id, argsrepr, body):
+        headers, properties = self._message(template, task_id, argsrepr)
+        return self._channel.prepare_message(
+            body, 0, CONTENT_TYPE, CONTENT_ENCODING, headers, properties
+        )
 
-    def _send_redis(self, messages) -> None:
+    def _send_redis(self, tasks) -> None:
         """Redis: the whole chunk in one variadic LPUSH; its reply is the acceptance.
 
         Each entry is exactly what kombu's Redis channel would push for that message (see
         `kombu.transport.virtual.Channel.basic_publish`): the prepared message with its body
         encoded as the channel says, its routing, and a fresh delivery tag. One command instead
         of one per message; LPUSH with several values keeps their order for the consumer.
+        The entries are filled in from one JSON skeleton per chunk (the messages differ only in
+        their ids, argsrepr, delivery tag and body), not prepared and encoded one by one.
         """
         channel = self._channel
-        encoding = channel.body_encoding
+        template = self._headers_template()
+        skeleton = self._redis_skeleton(template)
         payloads = []
-        skeleton = None
-        for body, content_type, content_encoding, headers, properties in messages:
-            body, body_encoding = channel.encode_body(body, encoding)
-            if body_encoding != "base64":
+        for task_id, argsrepr, body in tasks:
+            body, body_encoding = channel.encode_body(body, channel.body_encoding)
+            tag = f"{self._tag_prefix}{next(self._tags)}"
+            if body_encoding == "base64":
+                # Base64 and the ids need no JSON escaping beyond what json.dumps gives a
+                # string: splice them into the skeleton.
                 payloads.append(
-                    self._redis_entry(
-                        (body, content_type, content_encoding, headers, properties), body_encoding
-                    )
+                    f'{{"body": "{body}", '
+                    + skeleton.replace(_TASK_ID, json.dumps(task_id)[1:-1])
+                    .replace(_ARGSREPR, json.dumps(argsrepr)[1:-1])
+                    .replace(_DELIVERY_TAG, tag)
                 )
-                continue
-            if skeleton is None:
-                skeleton = self._redis_skeleton(content_type, content_encoding, headers)
-            # Base64 and the ids need no JSON escaping beyond what json.dumps gives a string:
-            # fill the batch's skeleton instead of encoding every message's dicts again.
-            payloads.append(
-                f'{{"body": "{body}", '
-                + skeleton.replace(_TASK_ID, json.dumps(headers["id"])[1:-1])
-                .replace(_ARGSREPR, json.dumps(headers["argsrepr"])[1:-1])
-                .replace(_DELIVERY_TAG, f"{self._tag_prefix}{next(self._tags)}")
-            )
+            else:
+                prepared = self._prepare(template, task_id, argsrepr, body)
+                prepared["properties"].update(
+                    body_encoding=body_encoding, delivery_tag=tag, delivery_info=self._routing()
+                )
+                payloads.append(json.dumps(prepared))
         with channel.conn_or_acquire() as client:
             client.lpush(self._redis_key, *payloads)
 
-    def _redis_entry(self, message, body_encoding) -> str:
-        """One entry as kombu's Redis channel writes it (any body encoding)."""
-        prepared = self._prepare(self._channel, message)
-        prepared["properties"].update(
-            body_encoding=body_encoding,
-            delivery_tag=f"{self._tag_prefix}{next(self._tags)}",
-            delivery_info={"exchange": self._exchange, "routing_key": self._routing_key},
-        )
-        return json.dumps(prepared)
-
-    def _redis_skeleton(self, content_type, content_encoding, headers) -> str:
+    def _redis_skeleton(self, template: dict) -> str:
         """The JSON of an entry after its body, with markers where each message's own task id,
-        argsrepr and delivery tag go (the headers of a batch differ in nothing else)."""
-        marked = dict(headers, id=_TASK_ID, root_id=_TASK_ID, argsrepr=_ARGSREPR)
-        properties = {
-            "correlation_id": _TASK_ID,
-            "reply_to": "",
-            "delivery_mode": self._delivery_mode,
-        }
-        prepared = self._channel.prepare_message(
-            "", 0, content_type, content_encoding, marked, properties
-        )
+        argsrepr and delivery tag go."""
+        prepared = self._prepare(template, _TASK_ID, _ARGSREPR, "")
         del prepared["body"]
         prepared["properties"].update(
-            body_encoding="base64",
-            delivery_tag=_DELIVERY_TAG,
-            delivery_info={"exchange": self._exchange, "routing_key": self._routing_key},
+            body_encoding="base64", delivery_tag=_DELIVERY_TAG, delivery_info=self._routing()
         )
         return json.dumps(prepared)[1:]
+
+    def _routing(self) -> dict:
+        return {"exchange": self._exchange, "routing_key": self._routing_key}
 
     def _setup_confirms(self, channel) -> None:
         channel.confirm_select()
@@ -346,14 +335,14 @@ class CeleryPublisher:
         channel.events["basic_ack"].add(on_ack)
         channel.events["basic_nack"].add(on_nack)
 
-    def _send_confirmed(self, messages) -> None:
+    def _send_confirmed(self, tasks) -> None:
         """AMQP: publish the chunk, then wait for the broker to confirm all of it."""
-        channel = self._channel
-        publish = channel.basic_publish
+        publish = self._channel.basic_publish
+        template = self._headers_template()
         self._nacked = False
-        for message in messages:
+        for task in tasks:
             publish(
-                self._prepare(channel, message),
+                self._prepare(template, *task),
                 exchange=self._exchange,
                 routing_key=self._routing_key,
             )
@@ -375,11 +364,11 @@ class CeleryPublisher:
         if self._nacked:
             raise PublishError("broker refused (nacked) messages of the batch")
 
-    def _send_one_by_one(self, messages) -> None:
-        channel = self._channel
-        for message in messages:
-            channel.basic_publish(
-                self._prepare(channel, message),
+    def _send_one_by_one(self, tasks) -> None:
+        template = self._headers_template()
+        for task in tasks:
+            self._channel.basic_publish(
+                self._prepare(template, *task),
                 exchange=self._exchange,
                 routing_key=self._routing_key,
             )
