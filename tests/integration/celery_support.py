@@ -250,3 +250,29 @@ class TcpProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def running_worker(
+    *,
+    broker_url: str,
+    database_url: str,
+    record_dir: Path,
+    log_dir: Path,
+    queue_prefix: str = "es_test",
+    imports: tuple[str, ...] = (),
+):
+    """A started worker on a queue of its own; stopped, and its queue forgotten, afterwards."""
+    worker = Worker(
+        broker_url=broker_url,
+        database_url=database_url,
+        queue=unique_queue(queue_prefix),
+        log_path=log_dir / "worker.log",
+        record_dir=record_dir,
+        imports=imports,
+    )
+    try:
+        yield worker.start()
+    finally:
+        worker.stop()
+        forget_queue(worker.queue, broker_url)

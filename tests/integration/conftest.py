@@ -1,4 +1,4 @@
-"""Fixtures shared by the integration tests that run a Celery worker."""
+"""Fixtures shared by the integration tests."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def test_database_url(django_db_setup, django_db_blocker):
     from django.db import connection
 
     return database_url(connection.settings_dict)
+
+
+@pytest.fixture
+def project():
+    """A workspace and project to write issues in, with the outbox emptied of their events."""
+    from event_stream.models import Outbox
+    from tests.integration.factories import make_project
+
+    project = make_project()
+    Outbox.objects.all().delete()
+    return project

@@ -19,13 +19,6 @@ from tests.integration.factories import issue_for, make_project, make_state
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def project():
-    project = make_project()
-    Outbox.objects.all().delete()
-    return project
-
-
 def events():
     return list(Outbox.objects.order_by("id"))
 

@@ -20,6 +20,7 @@ from tests.integration.celery_support import (
     Worker,
     forget_queue,
     make_app,
+    running_worker,
     unique_queue,
     wait_until,
 )
@@ -36,18 +37,13 @@ def record_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(broker_url, test_database_url, record_dir, tmp_path_factory):
     """One worker for the module, on a queue of its own."""
-    w = Worker(
+    with running_worker(
         broker_url=broker_url,
         database_url=test_database_url,
-        queue=unique_queue(),
-        log_path=tmp_path_factory.mktemp("worker") / "worker.log",
         record_dir=record_dir,
-    )
-    try:
-        yield w.start()
-    finally:
-        w.stop()
-        forget_queue(w.queue, broker_url)
+        log_dir=tmp_path_factory.mktemp("worker"),
+    ) as worker:
+        yield worker
 
 
 @pytest.fixture

@@ -32,16 +32,9 @@ from plane.models import (
     SearchDocument,
     WebhookDelivery,
 )
-from tests.integration.factories import issue_for, make_project, make_state
+from tests.integration.factories import issue_for, make_state
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def project():
-    project = make_project()
-    Outbox.objects.all().delete()
-    return project
 
 
 def event_data(row: Outbox) -> dict:

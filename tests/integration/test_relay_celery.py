@@ -31,8 +31,7 @@ from tests.integration.celery_support import (
     LoggedProcess,
     TcpProxy,
     Worker,
-    forget_queue,
-    unique_queue,
+    running_worker,
     wait_until,
 )
 from tests.integration.celery_worker_handlers import runs
@@ -60,19 +59,15 @@ def record_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(broker_url, test_database_url, record_dir, tmp_path_factory):
     """One worker for the module, on a queue of its own, knowing the relay module's handler."""
-    w = Worker(
+    with running_worker(
         broker_url=broker_url,
         database_url=test_database_url,
-        queue=unique_queue("es_relay"),
-        log_path=tmp_path_factory.mktemp("relay_celery_worker") / "worker.log",
         record_dir=record_dir,
+        log_dir=tmp_path_factory.mktemp("relay_celery_worker"),
+        queue_prefix="es_relay",
         imports=(RELAY_MODULE,),
-    )
-    try:
-        yield w.start()
-    finally:
-        w.stop()
-        forget_queue(w.queue, broker_url)
+    ) as worker:
+        yield worker
 
 
 @pytest.fixture
