@@ -80,7 +80,7 @@ class BatchRunner:
         to_publish: list[tuple[Handler, EventData]] = []
         publish_ids: list[int] = []
         route = self.registry.route
-        no_long_numbers = _chunks_without_long_numbers(rows)
+        long_numbers = _LongNumberCheck(rows)
 
         for index, row in enumerate(rows):
             event_id, entity_id = row[0], row[4]
@@ -92,7 +92,8 @@ class BatchRunner:
                 event = _event_data(
                     row,
                     decode=bool(inline),
-                    digits_checked=no_long_numbers[index // LONG_NUMBER_CHUNK],
+                    # Only payloads decoded here need the check (Celery-only events are not).
+                    digits_checked=bool(inline) and long_numbers.absent_near(index),
                 )
             except ValueError as exc:
                 failures.append((event_id, f"malformed event: {exc}"))
@@ -185,15 +186,26 @@ class BatchRunner:
 LONG_NUMBER_CHUNK = 64
 
 
-def _chunks_without_long_numbers(rows: Sequence[tuple]) -> list[bool]:
-    """Per chunk of LONG_NUMBER_CHUNK rows: True when none of its payloads holds a run of 19
-    digits. The comma keeps two payloads' digits from forming one run."""
-    return [
-        not has_long_digit_run(
-            ",".join([row[5] for row in rows[i : i + LONG_NUMBER_CHUNK] if isinstance(row[5], str)])
-        )
-        for i in range(0, len(rows), LONG_NUMBER_CHUNK)
-    ]
+class _LongNumberCheck:
+    """Whether the payloads near a row hold no run of 19 digits, checked per chunk of
+    LONG_NUMBER_CHUNK rows when a payload of the chunk is first decoded (rows come in order).
+    The comma keeps two payloads' digits from forming one run."""
+
+    def __init__(self, rows: Sequence[tuple]):
+        self.rows = rows
+        self.chunk = -1
+        self.absent = False
+
+    def absent_near(self, index: int) -> bool:
+        chunk = index // LONG_NUMBER_CHUNK
+        if chunk != self.chunk:
+            start = chunk * LONG_NUMBER_CHUNK
+            rows = self.rows[start : start + LONG_NUMBER_CHUNK]
+            self.chunk = chunk
+            self.absent = not has_long_digit_run(
+                ",".join([r[5] for r in rows if isinstance(r[5], str)])
+            )
+        return self.absent
 
 
 def _is_object(event: EventData, payload_text) -> bool:
