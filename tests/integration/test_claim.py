@@ -71,6 +71,28 @@ def test_events_behind_another_relays_claim_are_left_alone(conn, conninfo):
     assert taken == y_ids
 
 
+def test_only_entities_with_an_event_in_the_gaps_are_held_back(conn, conninfo):
+    # Given another relay holding X's first event and an event without entity, between others
+    x, y, z = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    x_first, *x_rest = insert(conn, x, 3)
+    loose = insert(conn, None)
+    y_ids = insert(conn, y, 2)
+    x_rest += insert(conn, x, 1)
+    z_ids = insert(conn, z, 1)
+    loose_later = insert(conn, None)
+    with psycopg.connect(conninfo) as other_relay:
+        other_relay.execute(
+            "SELECT id FROM outbox WHERE id = ANY(%s) FOR UPDATE", ([x_first, *loose],)
+        )
+
+        taken = claim(conninfo, 100)
+
+    # Then X waits (all of its later events) and nothing else does: an event without entity
+    # neither holds back nor is held back
+    assert taken == y_ids + z_ids + loose_later
+    assert not set(taken) & set(x_rest)
+
+
 def test_an_entitys_run_comes_in_one_batch_when_nothing_else_is_pending(conn, conninfo):
     x, y = uuid.uuid4(), uuid.uuid4()
     ids = insert(conn, x, 2) + insert(conn, y, 2) + insert(conn, x, 1)
