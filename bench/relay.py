@@ -1,7 +1,7 @@
 """Relay benchmark: end-to-end throughput, latency and memory, against a bare claim loop.
 
     python bench/relay.py                 # everything; DATABASE_URL picks the server
-    python bench/relay.py --events 60000 --quick
+    python bench/relay.py --events 60000 --quick --rounds 1
 
 Events are written by the capture triggers (issues created, then updated: two events per
 entity, so ordering is at work). Each relay is a separate process, as in production, with a
@@ -84,6 +84,10 @@ def write_trigger_events(conninfo: str, entities: int) -> int:
 
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("TRUNCATE outbox, plane_issue CASCADE")
+        # Start a checkpoint cycle here: writing the events and the run that follows stay well
+        # inside max_wal_size, so no checkpoint requested by earlier runs' WAL lands in the
+        # middle of this one (it made some runs a fifth slower, at random).
+        conn.execute("CHECKPOINT")
         ws = conn.execute(
             "INSERT INTO plane_workspace (id, name, slug, created_at, updated_at)"
             " VALUES (gen_random_uuid(), 'Bench', 'bench-' || gen_random_uuid(), now(), now())"
@@ -130,6 +134,7 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     print("ready", flush=True)
     sys.stdin.readline()  # the parent says go
     started = time.perf_counter()
+    cpu_started = time.process_time()
     processed = 0
     if mode == "raw":
         # The relay's own DatabaseConnection (same claim SQL, same commit mode), no handlers.
@@ -183,6 +188,7 @@ async def run_relay_worker(conninfo: str, batch_size: int, mode: str) -> dict:
     report = {
         "processed": processed,
         "elapsed": elapsed,
+        "cpu_s": time.process_time() - cpu_started,
         "maxrss_mb": peak_rss_mb(),
     }
     if latencies:
@@ -338,6 +344,62 @@ def run_celery(conninfo: str, entities: int, batch_size: int, end_to_end: bool) 
         counter.close()
 
 
+BATCH_SIZES = (50, 250, 1000)
+RELAY_COUNTS = (2, 3)
+
+
+def run_round(conninfo: str, entities: int) -> dict[str, dict]:
+    """Every throughput run once, each over freshly written events: {name: run_relays report}."""
+    runs = {}
+    for batch in BATCH_SIZES:
+        write_trigger_events(conninfo, entities)
+        runs[f"raw {batch}"] = run_relays(1, batch, "raw")
+        write_trigger_events(conninfo, entities)
+        runs[f"1 relay, batch {batch}"] = run_relays(1, batch)
+    for count in RELAY_COUNTS:
+        write_trigger_events(conninfo, entities)
+        runs[f"{count} relays, batch 1000"] = run_relays(count, 1000)
+    return runs
+
+
+def _median_range(values: list[float], fmt: str) -> str:
+    """'median (low-high)'; the range only when there is more than one value."""
+    text = format(statistics.median(values), fmt)
+    if len(values) > 1:
+        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return text
+
+
+def print_throughput(rounds: list[dict[str, dict]]) -> None:
+    """Medians and ranges over the rounds. Ratios are taken within each round (relay against
+    the raw loop, several relays against one), so that a slow moment of a shared machine
+    weighs on both sides of a ratio rather than on one."""
+    print(f"\n{len(rounds)} round(s); median (lowest-highest)")
+    print(f"{'run':<22}{'events/s':>26}{'raw events/s':>26}{'ratio':>22}{'peak MB':>9}")
+
+    def rates(name: str) -> list[float]:
+        return [r[name]["rate"] for r in rounds]
+
+    def peak(name: str) -> float:
+        return max(r[name]["peak_rss_mb"] for r in rounds)
+
+    for batch in BATCH_SIZES:
+        name = f"1 relay, batch {batch}"
+        ratios = [r[name]["rate"] / r[f"raw {batch}"]["rate"] * 100 for r in rounds]
+        print(
+            f"{name:<22}{_median_range(rates(name), ',.0f'):>26}"
+            f"{_median_range(rates(f'raw {batch}'), ',.0f'):>26}"
+            f"{_median_range(ratios, '.0f') + ' %':>22}{peak(name):>9.0f}"
+        )
+    for count in RELAY_COUNTS:
+        name = f"{count} relays, batch 1000"
+        ratios = [r[name]["rate"] / r["1 relay, batch 1000"]["rate"] for r in rounds]
+        print(
+            f"{name:<22}{_median_range(rates(name), ',.0f'):>26}{'':>26}"
+            f"{_median_range(ratios, '.2f') + ' x':>22}{peak(name):>9.0f}"
+        )
+
+
 def print_latency(lat: dict) -> None:
     print(
         f"\nlatency at {lat['write_rate']:,.0f} events/s written "
@@ -356,6 +418,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the latency run")
     parser.add_argument("--latency-only", action="store_true", help="only the latency run")
     parser.add_argument("--celery", action="store_true", help="also Celery dispatch (Redis)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="throughput rounds; medians and ranges are shown"
+    )
     args = parser.parse_args()
     if args.command == "worker":
         worker_main(args)
@@ -363,31 +428,13 @@ def main() -> None:
 
     conninfo = create_database()
     entities = args.events // 2
-    rows: list[tuple] = []
     try:
         if args.latency_only:
             write_trigger_events(conninfo, 2000)
             print_latency(run_latency(conninfo, rate=1000, seconds=10, batch_size=250))
             return
-        for batch in (50, 250, 1000):
-            write_trigger_events(conninfo, entities)
-            raw = run_relays(1, batch, "raw")
-            write_trigger_events(conninfo, entities)
-            relay = run_relays(1, batch)
-            rows.append((f"1 relay, batch {batch}", relay, raw))
-        one = rows[-1][1]
-        for count in (2, 3):
-            write_trigger_events(conninfo, entities)
-            rows.append((f"{count} relays, batch 1000", run_relays(count, 1000), None))
-        print(f"\n{'run':<24}{'events/s':>12}{'raw events/s':>14}{'ratio':>8}{'peak MB':>9}")
-        for name, relay, raw in rows:
-            raw_rate = f"{raw['rate']:>14,.0f}" if raw else f"{'':>14}"
-            ratio = (
-                f"{relay['rate'] / raw['rate']:>8.0%}"
-                if raw
-                else f"{relay['rate'] / one['rate']:>7.2f}x"
-            )
-            print(f"{name:<24}{relay['rate']:>12,.0f}{raw_rate}{ratio}{relay['peak_rss_mb']:>9.0f}")
+        rounds = [run_round(conninfo, entities) for _ in range(args.rounds)]
+        print_throughput(rounds)
         if args.celery:
             published = run_celery(conninfo, entities, 1000, end_to_end=False)
             print(f"\n1 relay, 1 Celery handler, batch 1000: {published['rate']:,.0f} events/s "
