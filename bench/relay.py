@@ -246,21 +246,35 @@ def run_relays(count: int, batch_size: int, mode: str = "relay") -> dict:
     processes = [spawn(batch_size, mode) for _ in range(count)]
     for p in processes:
         assert p.stdout.readline().strip() == "ready"
+    busy_before = machine_busy_seconds()
     started = time.perf_counter()
     for p in processes:
         p.stdin.write("go\n")
         p.stdin.flush()
     reports = [json.loads(p.stdout.readline()) for p in processes]
     elapsed = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy_before
     for p in processes:
         p.wait()
     total = sum(r["processed"] for r in reports)
+    relays_cpu = sum(r["cpu_s"] for r in reports)
     return {
         "events": total,
         "seconds": elapsed,
         "rate": total / elapsed,
         "peak_rss_mb": max(r["maxrss_mb"] for r in reports),
+        # CPU an event: the relay processes', and the rest of the machine's (PostgreSQL, mostly).
+        "relay_cpu_us": relays_cpu / total * 1e6,
+        "other_cpu_us": (busy - relays_cpu) / total * 1e6,
     }
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (Linux's /proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def run_latency(conninfo: str, rate: int, seconds: float, batch_size: int) -> dict:
@@ -375,7 +389,10 @@ def print_throughput(rounds: list[dict[str, dict]]) -> None:
     the raw loop, several relays against one), so that a slow moment of a shared machine
     weighs on both sides of a ratio rather than on one."""
     print(f"\n{len(rounds)} round(s); median (lowest-highest)")
-    print(f"{'run':<22}{'events/s':>26}{'raw events/s':>26}{'ratio':>22}{'peak MB':>9}")
+    print(
+        f"{'run':<22}{'events/s':>26}{'raw events/s':>26}{'ratio':>22}{'peak MB':>9}"
+        f"{'CPU us/event: relay, rest':>28}"
+    )
 
     def rates(name: str) -> list[float]:
         return [r[name]["rate"] for r in rounds]
@@ -383,20 +400,25 @@ def print_throughput(rounds: list[dict[str, dict]]) -> None:
     def peak(name: str) -> float:
         return max(r[name]["peak_rss_mb"] for r in rounds)
 
+    def cpu(name: str) -> str:
+        relay = statistics.median(r[name]["relay_cpu_us"] for r in rounds)
+        rest = statistics.median(r[name]["other_cpu_us"] for r in rounds)
+        return f"{relay:.1f}, {rest:.1f}"
+
     for batch in BATCH_SIZES:
         name = f"1 relay, batch {batch}"
         ratios = [r[name]["rate"] / r[f"raw {batch}"]["rate"] * 100 for r in rounds]
         print(
             f"{name:<22}{_median_range(rates(name), ',.0f'):>26}"
             f"{_median_range(rates(f'raw {batch}'), ',.0f'):>26}"
-            f"{_median_range(ratios, '.0f') + ' %':>22}{peak(name):>9.0f}"
+            f"{_median_range(ratios, '.0f') + ' %':>22}{peak(name):>9.0f}{cpu(name):>28}"
         )
     for count in RELAY_COUNTS:
         name = f"{count} relays, batch 1000"
         ratios = [r[name]["rate"] / r["1 relay, batch 1000"]["rate"] for r in rounds]
         print(
             f"{name:<22}{_median_range(rates(name), ',.0f'):>26}{'':>26}"
-            f"{_median_range(ratios, '.2f') + ' x':>22}{peak(name):>9.0f}"
+            f"{_median_range(ratios, '.2f') + ' x':>22}{peak(name):>9.0f}{cpu(name):>28}"
         )
 
 
