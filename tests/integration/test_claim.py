@@ -93,6 +93,22 @@ def test_only_entities_with_an_event_in_the_gaps_are_held_back(conn, conninfo):
     assert not set(taken) & set(x_rest)
 
 
+def test_a_queue_front_full_of_retrying_heads_still_holds_their_followers(conn, conninfo):
+    # Given 12 entities whose first event waits for a retry (more gaps than the claim reads
+    # one by one: it looks each candidate up instead), each with a follower, then two others
+    blocked = [uuid.uuid4() for _ in range(12)]
+    heads = [insert(conn, entity)[0] for entity in blocked]
+    conn.execute(
+        "UPDATE outbox SET available_at = now() + interval '1 hour' WHERE id = ANY(%s)", (heads,)
+    )
+    for entity in blocked:
+        insert(conn, entity)
+    free = insert(conn, uuid.uuid4()) + insert(conn, uuid.uuid4())
+
+    # When a relay claims 2 events, then it gets the two free ones and no follower
+    assert claim(conninfo, 2) == free
+
+
 def test_an_entitys_run_comes_in_one_batch_when_nothing_else_is_pending(conn, conninfo):
     x, y = uuid.uuid4(), uuid.uuid4()
     ids = insert(conn, x, 2) + insert(conn, y, 2) + insert(conn, x, 1)
