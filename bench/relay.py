@@ -7,7 +7,10 @@ Events are written by the capture triggers (issues created, then updated: two ev
 entity, so ordering is at work). Each relay is a separate process, as in production, with a
 no-op handler; the parent measures wall time from "go" until the outbox is drained.
 The raw ceiling is a bare claim-and-mark loop over the same rows with the same claim SQL and
-no handler work, so the relay's figure is a ratio. A fresh database is created and dropped.
+no handler work, so the relay's figure is a ratio. Every throughput run is repeated
+(`--rounds`, 3): the table shows medians and ranges, and the CPU each event cost the relay
+processes and the rest of the machine (PostgreSQL, mostly). A fresh database is created and
+dropped.
 """
 
 from __future__ import annotations
