@@ -88,8 +88,8 @@ def write_trigger_events(conninfo: str, entities: int) -> int:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("TRUNCATE outbox, plane_issue CASCADE")
         # Start a checkpoint cycle here: writing the events and the run that follows stay well
-        # inside max_wal_size, so no checkpoint requested by earlier runs' WAL lands in the
-        # middle of this one (it made some runs a fifth slower, at random).
+        # inside max_wal_size, so a checkpoint requested by earlier runs' WAL (about one per
+        # four runs) cannot land in the middle of this one at random.
         conn.execute("CHECKPOINT")
         ws = conn.execute(
             "INSERT INTO plane_workspace (id, name, slug, created_at, updated_at)"
