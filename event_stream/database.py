@@ -244,6 +244,20 @@ def _as_text(alias: str) -> str:
     )
 
 
+def _earlier_pending_exists(row: str, also: str = "") -> str:
+    """Whether an earlier event of the row's entity is pending: one per-entity index probe.
+
+    A scalar subquery, not a bare EXISTS: the planner cannot turn it into an anti join, which
+    on a freshly filled outbox (no statistics yet) it ran unparameterized, comparing every
+    candidate with every pending row. As a subplan it is one index probe per row.
+    """
+    return (
+        f"(SELECT EXISTS (SELECT 1 FROM outbox AS e"
+        f" WHERE e.entity_id = {row}.entity_id AND e.id < {row}.id"
+        f" AND e.processed_at IS NULL AND e.failed_at IS NULL {also}))"
+    )
+
+
 # Ordered claim. Take the first pending, available, unlocked events in id order (like the
 # unordered claim), then keep only those with no earlier pending event of their entity outside
 # the batch (locked by another relay, or waiting for a retry). Such an earlier event can only
@@ -267,30 +281,30 @@ WITH batch AS MATERIALIZED (
     ORDER BY o.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), scan AS MATERIALIZED (
+    SELECT count(*) AS scanned, max(id) AS last_id FROM batch
 ), gaps AS MATERIALIZED (
-    SELECT (SELECT count(*) FROM outbox AS o
-            WHERE {_PENDING} AND o.id <= (SELECT max(id) FROM batch))
-           - (SELECT count(*) FROM batch) AS skipped
-), few_gaps AS MATERIALIZED (
-    SELECT skipped <= 4 * %(limit)s AS few, skipped FROM gaps
+    SELECT skipped, skipped <= 4 * %(limit)s AS few
+    FROM (SELECT (SELECT count(*) FROM outbox AS o
+                  WHERE {_PENDING} AND o.id <= scan.last_id) - scan.scanned AS skipped
+          FROM scan
+          OFFSET 0  -- counted once, not once for each use of `skipped`
+         ) AS counted
 ), blockers AS MATERIALIZED (
     SELECT o.entity_id, o.id
     FROM outbox AS o
     WHERE {_PENDING} AND NOT (o.id = ANY (SELECT id FROM batch))
     ORDER BY o.id
-    LIMIT (SELECT CASE WHEN few THEN skipped ELSE 0 END FROM few_gaps)
+    LIMIT (SELECT CASE WHEN few THEN skipped ELSE 0 END FROM gaps)
 ), taken AS (
     SELECT {_as_text("b")} FROM batch AS b
     WHERE NOT EXISTS (SELECT 1 FROM blockers AS k
                       WHERE k.entity_id = b.entity_id AND k.id < b.id)
-      AND ((SELECT few FROM few_gaps) OR b.entity_id IS NULL OR NOT (SELECT EXISTS (
-              SELECT 1 FROM outbox AS e
-              WHERE e.entity_id = b.entity_id AND e.id < b.id
-                AND e.processed_at IS NULL AND e.failed_at IS NULL
-                AND e.id NOT IN (SELECT id FROM batch))))
+      AND ((SELECT few FROM gaps) OR b.entity_id IS NULL
+           OR NOT {_earlier_pending_exists("b", also="AND e.id NOT IN (SELECT id FROM batch)")})
 )
 SELECT taken.*, scan.scanned
-FROM (SELECT count(*) AS scanned FROM batch) AS scan LEFT JOIN taken ON true
+FROM scan LEFT JOIN taken ON true
 ORDER BY taken.id
 """
 
@@ -300,13 +314,7 @@ CLAIM_HEADS_SQL = f"""
 SELECT {_as_text("o")}
 FROM outbox AS o
 WHERE {_PENDING} AND o.available_at <= now() AND o.id <> ALL(%(taken)s::bigint[])
-  -- A scalar subquery, not a bare NOT EXISTS: the planner cannot turn it into an anti join,
-  -- which on a freshly filled outbox (no statistics yet) it ran unparameterized, comparing
-  -- every candidate with every pending row. As a subplan it is one index probe per row.
-  AND NOT (SELECT EXISTS (
-      SELECT 1 FROM outbox AS e
-      WHERE e.entity_id = o.entity_id AND e.id < o.id
-        AND e.processed_at IS NULL AND e.failed_at IS NULL))
+  AND NOT {_earlier_pending_exists("o")}
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
