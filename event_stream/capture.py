@@ -21,6 +21,9 @@ from pgtrigger import compiler
 
 OUTBOX_TABLE = "outbox"
 NOTIFY_CHANNEL = "event_stream_outbox"
+# The advisory lock (two-int4 key) a relay holds while it sleeps: see `outbox_notify_trigger`.
+# The first half spells "outb", to stay clear of an application's own advisory locks.
+WAKEUP_LOCK = (0x6F757462, 1)
 
 
 class PinnedTriggerSqlV1(compiler.UpsertTriggerSql):
@@ -315,14 +318,28 @@ def capture_triggers(
 
 
 def outbox_notify_trigger() -> pgtrigger.Trigger:
-    """One NOTIFY per statement that inserts into the outbox, however many rows it inserts.
+    """One NOTIFY per statement that inserts into the outbox, when a relay sleeps.
 
-    The relay treats it as a wake-up hint only; polling still finds every row.
+    A NOTIFY is not free: at commit, PostgreSQL serializes every notifying transaction of the
+    cluster on one lock, held through the commit's disk flush. With 8 writers doing single-row
+    updates, that took capture from 80-96% of the write rate without NOTIFY to 41-48% with it.
+    So a relay about to sleep takes `WAKEUP_LOCK` exclusively (session-level), and a writer
+    notifies only when it cannot take it shared: a busy relay costs the writers nothing.
+
+    Nothing is lost in between: the writer's shared lock lasts until its commit, so a relay
+    cannot take the lock while a writer that sent no NOTIFY has events in flight; once it has
+    the lock, those writers have committed (locks are released after the commit is visible),
+    and the relay claims once more before sleeping. The relay treats a NOTIFY as a wake-up hint
+    only; polling still finds every row.
     """
+    classid, objid = WAKEUP_LOCK
     return PinnedTrigger(
         name="outbox_notify",
         level=pgtrigger.Statement,
         when=pgtrigger.After,
         operation=pgtrigger.Insert,
-        func=f"PERFORM pg_notify({_sql_text(NOTIFY_CHANNEL)}, ''); RETURN NULL;",
+        func=(
+            f"IF NOT pg_try_advisory_xact_lock_shared({classid}, {objid}) THEN "
+            f"PERFORM pg_notify({_sql_text(NOTIFY_CHANNEL)}, ''); END IF; RETURN NULL;"
+        ),
     )

@@ -7,11 +7,14 @@ ORM inside its loop.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+
+from event_stream.capture import WAKEUP_LOCK
 
 # Keys of Django's OPTIONS that configure the Django backend, not libpq.
 DJANGO_ONLY_OPTIONS = {"isolation_level", "pool", "server_side_binding", "assume_role"}
@@ -55,6 +58,8 @@ class DatabaseConnection:
         self.application_name = application_name
         self._work: psycopg.AsyncConnection | None = None
         self._control: psycopg.AsyncConnection | None = None
+        # The work connection that holds the wake-up lock (a session lock dies with it).
+        self._wakeup_lock_conn: psycopg.AsyncConnection | None = None
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -190,6 +195,34 @@ class DatabaseConnection:
 
     # -- wake-ups and heartbeats ---------------------------------------------------------------
 
+    async def promise_wakeups(self) -> WakeupPromise:
+        """Before sleeping: make writers NOTIFY from now on (see `outbox_notify_trigger`).
+
+        MINE: the wake-up lock is taken on the work connection. ANOTHER: another relay holds it,
+        so writers notify, and every listener hears it. NONE: a writer that did not notify has
+        not committed yet; claim again soon rather than sleep.
+        """
+        if self.holds_wakeup_lock:
+            return WakeupPromise.MINE  # taken twice, it would need two unlocks
+        cursor = await self._work.execute(TAKE_WAKEUP_LOCK_SQL, prepare=True)
+        taken, held_by_another = await cursor.fetchone()
+        await self._work.commit()
+        if taken:
+            self._wakeup_lock_conn = self._work
+            return WakeupPromise.MINE
+        return WakeupPromise.ANOTHER if held_by_another else WakeupPromise.NONE
+
+    async def release_wakeups(self) -> None:
+        """Busy again: writers need not notify (unless another relay sleeps)."""
+        if self.holds_wakeup_lock:
+            await self._work.execute(RELEASE_WAKEUP_LOCK_SQL)
+            await self._work.commit()
+        self._wakeup_lock_conn = None
+
+    @property
+    def holds_wakeup_lock(self) -> bool:
+        return self.work_ok and self._wakeup_lock_conn is self._work
+
     async def listen(self, channel: str) -> None:
         await self._control.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
@@ -218,6 +251,28 @@ def id_array(ids: Sequence[int]) -> str:
     """
     return "{" + ",".join(map(str, ids)) + "}"
 
+
+class WakeupPromise(enum.Enum):
+    MINE = "mine"  # this relay holds the wake-up lock
+    ANOTHER = "another"  # another relay holds it; its NOTIFYs reach every listener
+    NONE = "none"  # writers that did not notify are still committing
+
+
+_WAKEUP_KEY = f"{WAKEUP_LOCK[0]}, {WAKEUP_LOCK[1]}"
+# pg_try_advisory_lock runs first (a CTE is evaluated before the query that reads it), so the
+# pg_locks look only matters when it failed. objsubid 2 marks a lock taken with two int4 keys.
+TAKE_WAKEUP_LOCK_SQL = f"""
+    WITH attempt AS MATERIALIZED (SELECT pg_try_advisory_lock({_WAKEUP_KEY}) AS taken)
+    SELECT attempt.taken,
+           NOT attempt.taken AND EXISTS (
+               SELECT FROM pg_locks
+               WHERE locktype = 'advisory' AND classid = {WAKEUP_LOCK[0]}
+                 AND objid = {WAKEUP_LOCK[1]} AND objsubid = 2
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND mode = 'ExclusiveLock' AND granted)
+    FROM attempt
+"""
+RELEASE_WAKEUP_LOCK_SQL = f"SELECT pg_advisory_unlock({_WAKEUP_KEY})"
 
 _PENDING = "o.processed_at IS NULL AND o.failed_at IS NULL"
 _COLUMNS = (

@@ -2,8 +2,10 @@
 
 One loop around a stop event. It wakes on whichever comes first: a NOTIFY from the outbox
 trigger, the adaptive polling interval (the seed's fallback when notifications are lost), or the
-stop event. Side tasks (the listener, which also writes heartbeats) are named, watched, and
-cancelled on exit with their errors logged.
+stop event. Writers send the NOTIFY only while a relay sleeps: before sleeping, the relay takes
+the wake-up lock and claims once more; as soon as a claim finds events, it lets the lock go.
+Side tasks (the listener, which also writes heartbeats) are named, watched, and cancelled on
+exit with their errors logged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from event_stream.capture import NOTIFY_CHANNEL
-from event_stream.database import DatabaseConnection
+from event_stream.database import DatabaseConnection, WakeupPromise
 from event_stream.dispatch import BatchOutcome, BatchRunner, Publisher, RetryPolicy
 from event_stream.handlers import Dispatch, Handler, HandlerFunc, HandlerRegistry
 from event_stream.memory import MemoryMonitor
@@ -33,6 +35,9 @@ logger = logging.getLogger("event_stream.poller")
 
 RECONNECT_BACKOFF_MIN = 0.1
 RECONNECT_BACKOFF_MAX = 10.0
+# How soon to look again when writers that sent no wake-up are still committing: they are
+# usually microseconds from their commit; a long transaction is looked at 100 times a second.
+UNCOMMITTED_WRITERS_PAUSE = 0.01
 
 
 class StopReason(enum.Enum):
@@ -162,11 +167,13 @@ class OutboxPoller:
 
     async def _loop(self, side_tasks: list[asyncio.Task]) -> StopReason:
         interval = self.settings.interval_min
+        promise: WakeupPromise | None = None  # whether writers will wake this relay
         while not self.stopping:
             self._watch(side_tasks)
             self._wakeup.clear()
             claimed = await self._process_one_batch()
             if claimed is None:
+                promise = None  # the work connection, and the lock with it, may be gone
                 continue  # the batch failed and the error backoff was the pause: try again
             if self.memory.over_limit():
                 logger.warning(
@@ -176,12 +183,46 @@ class OutboxPoller:
                 return StopReason.RESTART
             if claimed:
                 # More may be waiting (a short batch can mean other relays hold the rest):
-                # claim again at once; only an empty claim means the queue is drained.
+                # claim again at once; only an empty claim means the queue is drained. Busy,
+                # the relay needs no wake-ups, and writers skip the NOTIFY's cost.
                 interval = self.settings.interval_min
+                if promise is not None:
+                    promise = None
+                    await self._release_wakeups()
+                continue
+            if promise is None:
+                promise = await self._promise_wakeups()
+                if promise is WakeupPromise.NONE:
+                    promise = None
+                    await self._sleep(UNCOMMITTED_WRITERS_PAUSE)
+                # Claim once more: wake-ups are promised only for commits from now on.
                 continue
             await self._sleep(interval)
             interval = min(interval * 2, self.settings.interval_max)
+            if promise is WakeupPromise.ANOTHER:
+                promise = None  # the other relay may have woken (and stopped promising)
         return StopReason.STOPPED
+
+    async def _promise_wakeups(self) -> WakeupPromise:
+        try:
+            return await self.db.promise_wakeups()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("could not arm wake-ups: %s: %s", type(exc).__name__, exc)
+            await self._safe_rollback()
+            await self._pause_after_error()
+            return WakeupPromise.NONE
+
+    async def _release_wakeups(self) -> None:
+        try:
+            await self.db.release_wakeups()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The lock goes with the connection; the next claim reconnects.
+            logger.warning("could not release wake-ups: %s: %s", type(exc).__name__, exc)
+            await self.db.close_work()
 
     async def _sleep(self, seconds: float) -> None:
         """Until a notification, the stop event, or `seconds`."""

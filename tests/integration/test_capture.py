@@ -11,7 +11,7 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from event_stream.capture import NOTIFY_CHANNEL
+from event_stream.capture import NOTIFY_CHANNEL, WAKEUP_LOCK
 from event_stream.models import Outbox
 from plane.models import Cycle, CycleIssue, Issue, IssueAssignee, IssueLabel, Label
 from tests.integration.factories import issue_for, make_project, make_state
@@ -271,21 +271,84 @@ class TestHandWrittenEvents:
         assert event.created_at is not None and event.event_id is not None
 
 
+def sleeping_relay(conninfo) -> psycopg.Connection:
+    """A connection that listens and holds the wake-up lock, as a sleeping relay does."""
+    conn = psycopg.connect(conninfo, autocommit=True)
+    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    assert conn.execute("SELECT pg_try_advisory_lock(%s, %s)", WAKEUP_LOCK).fetchone()[0]
+    return conn
+
+
 @pytest.mark.django_db(transaction=True)
 class TestNotify:
-    def test_one_notify_per_inserting_statement(self, conninfo):
+    def test_one_notify_per_inserting_statement_while_a_relay_sleeps(self, conninfo):
         project = make_project()
-        with psycopg.connect(conninfo, autocommit=True) as listener:
-            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-
+        with sleeping_relay(conninfo) as relay:
             Issue.objects.bulk_create(issue_for(project, name=f"i{n}") for n in range(50))
             issue_for(project).save()
             Issue.objects.filter(project=project).update(priority="high")
 
-            received = list(listener.notifies(timeout=1.0))
+            received = list(relay.notifies(timeout=1.0))
         # project creation wrote no events; three statements wrote 50, 1 and 51 rows
         assert len(received) == 3
         assert {n.channel for n in received} == {NOTIFY_CHANNEL}
+
+    def test_no_notify_while_no_relay_sleeps(self, conninfo):
+        project = make_project()
+        with psycopg.connect(conninfo, autocommit=True) as listener:
+            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            issue_for(project).save()
+            Issue.objects.filter(project=project).update(priority="high")
+
+            received = list(listener.notifies(timeout=0.5))
+        assert received == []
+        assert Outbox.objects.count() == 2  # captured all the same: polling finds them
+
+    def test_a_relay_cannot_promise_wakeups_while_a_silent_writer_is_uncommitted(self, conninfo):
+        """The race a conditional NOTIFY must not lose: a writer inserts while no relay sleeps
+        (so it will not notify), and commits after the relay's last claim. The relay must not
+        go to sleep on a promise until that writer has committed."""
+        import asyncio
+
+        from event_stream.database import DatabaseConnection, WakeupPromise
+
+        project = make_project()
+
+        def save_an_issue():  # in a thread, as an app's request would, on its own connection
+            try:
+                issue_for(project).save()
+            finally:
+                connection.close()
+
+        async def scenario():
+            relay, other = DatabaseConnection(conninfo), DatabaseConnection(conninfo)
+            await relay.connect()
+            await other.connect_work()
+            await relay.listen(NOTIFY_CHANNEL)
+            try:
+                with psycopg.connect(conninfo) as writer:  # one open transaction
+                    writer.execute(
+                        "UPDATE plane_issue SET priority = 'low' WHERE project_id = %s",
+                        (project.id,),
+                    )
+                    assert await relay.promise_wakeups() is WakeupPromise.NONE
+                    writer.commit()
+                assert await relay.promise_wakeups() is WakeupPromise.MINE
+                assert await other.promise_wakeups() is WakeupPromise.ANOTHER
+                # From the promise on, every inserting commit wakes the relay.
+                await asyncio.to_thread(save_an_issue)
+                woken = await relay.wait_for_notifications(1.0, lambda: None)
+                await relay.release_wakeups()
+                await asyncio.to_thread(save_an_issue)
+                after_release = await relay.wait_for_notifications(0.5, lambda: None)
+                return woken, after_release, relay.holds_wakeup_lock
+            finally:
+                await relay.close()
+                await other.close()
+
+        issue_for(project).save()
+        woken, after_release, still_held = asyncio.run(scenario())
+        assert (woken, after_release, still_held) == (1, 0, False)
 
 
 @pytest.mark.django_db(transaction=True)

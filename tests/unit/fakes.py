@@ -11,6 +11,8 @@ import datetime
 import json
 import uuid
 
+from event_stream.database import WakeupPromise
+
 
 class FakeDatabase:
     def __init__(self, ordered: bool = True):
@@ -26,6 +28,10 @@ class FakeDatabase:
         self.listening: list[str] = []
         self.connects = 0
         self._next_id = 1
+        # What promise_wakeups answers next (the real one asks PostgreSQL's lock table).
+        self.wakeup_answers: list[WakeupPromise] = []
+        self.holds_wakeup_lock = False
+        self.log: list[str] = []  # claims and wake-up calls, in order
 
     def add(self, event_type="test.changed", entity_id=None, payload=None) -> int:
         row_id = self._next_id
@@ -54,6 +60,16 @@ class FakeDatabase:
     async def connect_control(self):
         self.control_ok = True
 
+    async def promise_wakeups(self):
+        answer = self.wakeup_answers.pop(0) if self.wakeup_answers else WakeupPromise.MINE
+        self.holds_wakeup_lock = answer is WakeupPromise.MINE
+        self.log.append(f"promise:{answer.value}")
+        return answer
+
+    async def release_wakeups(self):
+        self.holds_wakeup_lock = False
+        self.log.append("release")
+
     async def fetch_and_lock_rows(self, batch_size):
         if self.fail_next_claims:
             self.fail_next_claims -= 1
@@ -74,6 +90,7 @@ class FakeDatabase:
             if len(taken) == batch_size:
                 break
         self.claimed.update(r["id"] for r in taken)
+        self.log.append(f"claim:{len(taken)}")
         # As the real claim returns them: ids, payload and timestamp as text.
         return [
             (r["id"], str(r["event_id"]), r["event_type"], r["entity_type"],
@@ -134,6 +151,7 @@ class FakeDatabase:
     async def close_work(self):
         await self.rollback()
         self.work_ok = False
+        self.holds_wakeup_lock = False
 
     async def close_control(self):
         self.control_ok = False

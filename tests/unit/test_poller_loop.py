@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from event_stream.database import WakeupPromise
 from event_stream.poller import OutboxPoller, StopReason
 from event_stream.settings import RelaySettings
 from tests.unit.fakes import FakeDatabase
@@ -144,3 +145,69 @@ async def test_per_entity_order_setting(ordered):
     second = first + 1
     # Ordered: the second event waits for the first's retry. Unordered: it does not.
     assert seen == ([first, first, second] if ordered else [first, second, first])
+
+
+async def test_before_sleeping_it_promises_wakeups_then_claims_once_more():
+    db = FakeDatabase()
+    poller = make_poller(db, interval_min=30, interval_max=30)
+
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.3)
+    held_while_asleep = db.holds_wakeup_lock
+    poller.stop()
+    await task
+
+    # A writer that committed between the empty claim and the promise sent no NOTIFY: the
+    # claim after the promise finds its events. Then the relay sleeps, promise kept (its one
+    # more claim is the wake-up the listener gives when it starts).
+    assert db.log[:3] == ["claim:0", "promise:mine", "claim:0"]
+    assert set(db.log[3:]) <= {"claim:0"} and len(db.log) <= 4
+    assert held_while_asleep
+    assert not db.holds_wakeup_lock  # stopped: the lock went with the work connection
+
+
+async def test_busy_it_releases_the_promise_and_takes_it_again_when_drained():
+    db = FakeDatabase()
+    poller = make_poller(db, interval_min=30, interval_max=30, batch_size=10)
+    seen = []
+    poller.add_handler(lambda e: seen.append(e["id"]))
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.3)  # drained and asleep
+
+    db.add()
+    db.notifications.put_nowait("outbox")
+    deadline = time.monotonic() + 5
+    while db.log[-2:] != ["promise:mine", "claim:0"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    poller.stop()
+    await task
+
+    woken = db.log.index("claim:1")
+    assert db.log[woken:] == ["claim:1", "release", "claim:0", "promise:mine", "claim:0"]
+
+
+async def test_writers_still_committing_make_it_look_again_soon_not_sleep():
+    db = FakeDatabase()
+    db.wakeup_answers = [WakeupPromise.NONE, WakeupPromise.NONE, WakeupPromise.MINE]
+    poller = make_poller(db, interval_min=30, interval_max=30)
+    started = time.monotonic()
+
+    await run_until(poller, lambda: "promise:mine" in db.log, timeout=2)
+
+    assert time.monotonic() - started < 1.0  # not the 30 s interval
+    assert db.log[:6] == [
+        "claim:0", "promise:none", "claim:0", "promise:none", "claim:0", "promise:mine",
+    ]  # fmt: skip
+
+
+async def test_another_relays_promise_is_checked_again_after_each_sleep():
+    db = FakeDatabase()
+    db.wakeup_answers = [WakeupPromise.ANOTHER, WakeupPromise.ANOTHER]
+    poller = make_poller(db, interval_min=0.05, interval_max=0.05)
+
+    await run_until(poller, lambda: db.log.count("promise:another") == 2, timeout=2)
+
+    assert db.log[:6] == [
+        "claim:0", "promise:another", "claim:0", "claim:0", "promise:another", "claim:0",
+    ]  # fmt: skip
+    assert not db.holds_wakeup_lock
