@@ -1,6 +1,7 @@
 """Capture benchmark: what the capture triggers cost the writes of the application.
 
-    python bench/capture.py [--rows 2000] [--batches 40] [--batch-size 500] [--rounds 5]
+    python bench/capture.py [--rows 2000] [--batches 40] [--batch-size 500] [--writers 8]
+                            [--rounds 5]
 
 Creates its own database (`event_stream_bench_capture`) on the server named by DATABASE_URL
 (unset: the embedded server), migrates it, and writes issues with raw psycopg (no ORM, so the
@@ -14,6 +15,12 @@ Workloads:
 - single-row: autocommit, one INSERT or UPDATE per transaction.
 - 500-row batch: one INSERT of 500 rows per transaction, and one UPDATE of 500 rows per
   transaction. Every UPDATE changes a captured column, so every updated row emits an event.
+- single-row UPDATE by 8 writers at once (threads, one connection each).
+
+Writers send a NOTIFY only while a relay sleeps (it holds the wake-up lock). A relay that keeps
+up with the writes is busy, so the plain rows are the writes of a loaded system; the rows marked
+"relay asleep" hold the lock (and LISTEN) on a connection of their own, so that every write
+notifies: the cost an isolated write pays when the relay is idle.
 
 Goals: with capture, >= 75% of the single-row rate and >= 60% of the batch rate; the exit
 status is 1 when one is missed.
@@ -25,6 +32,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -56,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=2000, help="single-row writes per side")
     parser.add_argument("--batches", type=int, default=40, help="batches per side")
     parser.add_argument("--batch-size", type=int, default=500, help="rows per batch")
+    parser.add_argument("--writers", type=int, default=8, help="concurrent writers")
     parser.add_argument("--rounds", type=int, default=5, help="with/without pairs to run")
     parser.add_argument("--database", default=BENCH_DATABASE, help="database to create and drop")
     return parser.parse_args(argv)
@@ -104,6 +113,24 @@ class Bench:
         self.conn = conn
         self.workspace_id = workspace_id
         self.project_id = project_id
+        self.relay: Any = None  # the connection of the sleeping relay, while one sleeps
+
+    def relay_asleep(self, asleep: bool) -> None:
+        """Hold the wake-up lock and LISTEN, as a sleeping relay does (or stop)."""
+        import psycopg
+
+        from event_stream.capture import NOTIFY_CHANNEL, WAKEUP_LOCK
+
+        if asleep and self.relay is None:
+            self.relay = psycopg.connect(self.conn.info.dsn, autocommit=True)
+            self.relay.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self.relay.execute("SELECT pg_advisory_lock(%s, %s)", WAKEUP_LOCK)
+        elif not asleep and self.relay is not None:
+            received = sum(1 for _ in self.relay.notifies(timeout=0.2))
+            self.relay.close()
+            self.relay = None
+            if not received:
+                raise RuntimeError("the sleeping relay received no NOTIFY")
 
     def reset(self) -> None:
         self.conn.execute("TRUNCATE plane_issue, outbox CASCADE")
@@ -127,10 +154,40 @@ class Bench:
                 )
         return ids
 
-    def single_update(self, ids: list[uuid.UUID]) -> None:
+    def single_update(self, ids: list[uuid.UUID], priority: str) -> None:
         with self.conn.cursor() as cur:
             for issue_id in ids:
-                cur.execute(UPDATE_ONE, ("high", issue_id), prepare=True)
+                cur.execute(UPDATE_ONE, (priority, issue_id), prepare=True)
+
+    def concurrent_update(self, ids: list[uuid.UUID], writers: int, priority: str) -> None:
+        """The single-row UPDATEs of `ids`, shared among `writers` connections at once."""
+        import psycopg
+
+        connections = [psycopg.connect(self.conn.info.dsn, autocommit=True) for _ in range(writers)]
+        errors: list[BaseException] = []
+
+        def write(conn, share: list[uuid.UUID]) -> None:
+            try:
+                with conn.cursor() as cur:
+                    for issue_id in share:
+                        cur.execute(UPDATE_ONE, (priority, issue_id), prepare=True)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=write, args=(conn, ids[n::writers]))
+            for n, conn in enumerate(connections)
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            for conn in connections:
+                conn.close()
+        if errors:
+            raise errors[0]
 
     def batch_insert(self, batches: int, size: int) -> list[list[uuid.UUID]]:
         all_ids = []
@@ -166,19 +223,38 @@ def run_round(bench: Bench, args: argparse.Namespace, order: tuple[bool, bool]) 
     rates: dict[str, dict[bool, float]] = {}
     written: dict[tuple[str, bool], Any] = {}
 
-    def measure(name: str, rows: int, operation: Callable[[bool], object]) -> None:
+    def measure(
+        name: str, rows: int, operation: Callable[[bool], object], *, asleep: bool = False
+    ) -> None:
         for capture in order:
             bench.set_capture(capture)
+            bench.relay_asleep(asleep and capture)
             start = time.perf_counter()
             written[name, capture] = operation(capture)
             rates.setdefault(name, {})[capture] = rows / (time.perf_counter() - start)
+            bench.relay_asleep(False)
 
     single, batch = "single-row", f"{args.batch_size}-row"
     batch_rows = args.batches * args.batch_size
-    measure(f"{single} INSERT", args.rows, lambda c: bench.single_insert(args.rows))
+    inserted = f"{single} INSERT"
+    measure(inserted, args.rows, lambda c: bench.single_insert(args.rows))
+    # Each UPDATE of the same rows sets another priority, so that every one emits an event.
     measure(
-        f"{single} UPDATE", args.rows, lambda c: bench.single_update(written[f"{single} INSERT", c])
+        f"{single} UPDATE", args.rows, lambda c: bench.single_update(written[inserted, c], "high")
     )
+    measure(
+        f"{single} UPDATE, relay asleep",
+        args.rows,
+        lambda c: bench.single_update(written[inserted, c], "low"),
+        asleep=True,
+    )
+    for asleep, priority in ((False, "medium"), (True, "urgent")):
+        measure(
+            f"{single} UPDATE, {args.writers} writers" + (", relay asleep" if asleep else ""),
+            args.rows,
+            lambda c, p=priority: bench.concurrent_update(written[inserted, c], args.writers, p),
+            asleep=asleep,
+        )
     measure(
         f"{batch} INSERT", batch_rows, lambda c: bench.batch_insert(args.batches, args.batch_size)
     )
@@ -190,7 +266,8 @@ def run_round(bench: Bench, args: argparse.Namespace, order: tuple[bool, bool]) 
 
 def report(rounds: list[dict]) -> bool:
     """Median rates, and the median of the rounds' ratios (robust to a noisy neighbour)."""
-    header = f"{'operation':<20} {'with capture':>14} {'without':>14} {'ratio':>7}  goal"
+    width = max(len(op) for op in rounds[0])
+    header = f"{'operation':<{width}} {'with capture':>14} {'without':>14} {'ratio':>7}  goal"
     print(header)
     print("-" * len(header))
     met = True
@@ -202,7 +279,7 @@ def report(rounds: list[dict]) -> bool:
         ok = ratio >= goal
         met = met and ok
         print(
-            f"{op:<20} {rate_with:>10,.0f} r/s {rate_without:>10,.0f} r/s {ratio:>6.1%}  "
+            f"{op:<{width}} {rate_with:>10,.0f} r/s {rate_without:>10,.0f} r/s {ratio:>6.1%}  "
             f">= {goal:.0%} {'ok' if ok else 'MISSED'}"
         )
     return met
@@ -253,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append(
                     run_round(bench, args, (True, False) if n % 2 == 0 else (False, True))
                 )
-            expected = args.rounds * 2 * (args.rows + args.batches * args.batch_size)
+            # Per round: the INSERTs and UPDATEs of both sizes, and three more single-row UPDATEs.
+            per_round = 2 * (args.rows + args.batches * args.batch_size) + 3 * args.rows
+            expected = args.rounds * per_round
             found = bench.outbox_count()
             if found != expected:
                 raise RuntimeError(f"expected {expected} outbox rows, found {found}")
