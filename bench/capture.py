@@ -23,7 +23,7 @@ up with the writes is busy, so the plain rows are the writes of a loaded system;
 notifies: the cost an isolated write pays when the relay is idle.
 
 Goals: with capture, >= 75% of the single-row rate and >= 60% of the batch rate; the exit
-status is 1 when one is missed.
+status is 1 when one is missed. The variants of the single-row UPDATE have none of their own.
 """
 
 from __future__ import annotations
@@ -275,13 +275,14 @@ def report(rounds: list[dict]) -> bool:
         rate_with = statistics.median(r[op][True] for r in rounds)
         rate_without = statistics.median(r[op][False] for r in rounds)
         ratio = statistics.median(r[op][True] / r[op][False] for r in rounds)
+        line = f"{op:<{width}} {rate_with:>10,.0f} r/s {rate_without:>10,.0f} r/s {ratio:>6.1%}"
+        if "," in op:  # a variant of the single-row UPDATE, shown for comparison
+            print(f"{line}  (no goal)")
+            continue
         goal = GOALS["single" if op.startswith("single") else "batch"]
         ok = ratio >= goal
         met = met and ok
-        print(
-            f"{op:<{width}} {rate_with:>10,.0f} r/s {rate_without:>10,.0f} r/s {ratio:>6.1%}  "
-            f">= {goal:.0%} {'ok' if ok else 'MISSED'}"
-        )
+        print(f"{line}  >= {goal:.0%} {'ok' if ok else 'MISSED'}")
     return met
 
 
