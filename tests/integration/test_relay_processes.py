@@ -13,6 +13,7 @@ import uuid
 import psycopg
 import pytest
 
+from event_stream.capture import WAKEUP_LOCK
 from tests.integration.relays import (
     ROOT,
     pending_count,
@@ -264,6 +265,30 @@ def test_terminated_connections_are_restored_with_listen(db, database_url):
     finally:
         out = stop(relay)
     assert len(handled_rows(db)) == 4, out
+
+
+def test_two_sleeping_relays_are_woken_by_each_write(db, database_url):
+    """Writers notify only while a relay sleeps; with two relays asleep, one holds the wake-up
+    lock and the other relies on it. Polling is slow: only a NOTIFY delivers within seconds."""
+    slow = {"OUTBOX_POLLER_INTERVAL_MIN": 30, "OUTBOX_POLLER_INTERVAL_MAX": 30}
+    relays = [start_relay(database_url, **slow) for _ in range(2)]
+    try:
+        for relay in relays:
+            wait_ready(relay)
+        classid, objid = WAKEUP_LOCK
+        holders = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            f" AND classid = {classid} AND objid = {objid} AND objsubid = 2"
+        )
+        assert wait_until(lambda: query(db, holders)[0][0] == 1, timeout=10)
+        for n in range(1, 4):
+            write_events(db, [uuid.uuid4()], per_entity=1)
+            assert wait_until(lambda n=n: len(handled_rows(db)) == n, timeout=5)
+            # Drained, one of them sleeps holding the lock again.
+            assert wait_until(lambda: query(db, holders)[0][0] == 1, timeout=5)
+    finally:
+        outs = [stop(relay) for relay in relays]
+    assert len(handled_rows(db)) == 3, outs
 
 
 @pytest.mark.parametrize(
