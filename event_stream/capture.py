@@ -322,7 +322,7 @@ def outbox_notify_trigger() -> pgtrigger.Trigger:
 
     A NOTIFY is not free: at commit, PostgreSQL serializes every notifying transaction of the
     cluster on one lock, held through the commit's disk flush. With 8 writers doing single-row
-    updates, that took capture from 80-96% of the write rate without NOTIFY to 41-48% with it.
+    updates (`bench/capture.py`), capture kept 70-74% of their rate without it, 40-41% with it.
     So a relay about to sleep takes `WAKEUP_LOCK` exclusively (session-level), and a writer
     notifies only when it cannot take it shared: a busy relay costs the writers nothing.
 

@@ -183,19 +183,15 @@ class OutboxPoller:
                 return StopReason.RESTART
             if claimed:
                 # More may be waiting (a short batch can mean other relays hold the rest):
-                # claim again at once; only an empty claim means the queue is drained. Busy,
-                # the relay needs no wake-ups, and writers skip the NOTIFY's cost.
+                # claim again at once; only an empty claim means the queue is drained.
                 interval = self.settings.interval_min
-                if promise is not None:
-                    promise = None
-                    await self._release_wakeups()
+                promise = None
+                await self._release_wakeups()
                 continue
             if promise is None:
+                # Claim once more before sleeping: wake-ups are promised only for commits from
+                # now on, and one may have come after the claim that found nothing.
                 promise = await self._promise_wakeups()
-                if promise is WakeupPromise.NONE:
-                    promise = None
-                    await self._sleep(UNCOMMITTED_WRITERS_PAUSE)
-                # Claim once more: wake-ups are promised only for commits from now on.
                 continue
             await self._sleep(interval)
             interval = min(interval * 2, self.settings.interval_max)
@@ -203,18 +199,27 @@ class OutboxPoller:
                 promise = None  # the other relay may have woken (and stopped promising)
         return StopReason.STOPPED
 
-    async def _promise_wakeups(self) -> WakeupPromise:
+    async def _promise_wakeups(self) -> WakeupPromise | None:
+        """Make writers notify while this relay sleeps; None when that cannot be promised yet
+        (writers that sent no NOTIFY are still committing: after a short pause, look again)."""
         try:
-            return await self.db.promise_wakeups()
+            promise = await self.db.promise_wakeups()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.warning("could not arm wake-ups: %s: %s", type(exc).__name__, exc)
             await self._safe_rollback()
             await self._pause_after_error()
-            return WakeupPromise.NONE
+            return None
+        if promise is WakeupPromise.NONE:
+            await self._sleep(UNCOMMITTED_WRITERS_PAUSE)
+            return None
+        return promise
 
     async def _release_wakeups(self) -> None:
+        """Busy: the relay needs no wake-ups, so writers skip the NOTIFY and its cost."""
+        if not self.db.holds_wakeup_lock:
+            return
         try:
             await self.db.release_wakeups()
         except asyncio.CancelledError:
