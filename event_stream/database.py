@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from event_stream.capture import WAKEUP_LOCK
+from event_stream.capture import NOTIFY_CHANNEL, WAKEUP_LOCK
 
 # Keys of Django's OPTIONS that configure the Django backend, not libpq.
 DJANGO_ONLY_OPTIONS = {"isolation_level", "pool", "server_side_binding", "assume_role"}
@@ -218,6 +218,10 @@ class DatabaseConnection:
             await self._work.execute(RELEASE_WAKEUP_LOCK_SQL)
             await self._work.commit()
         self._wakeup_lock_conn = None
+
+    async def wake_relays(self) -> None:
+        """Send the writers' wake-up to every listening relay, from the control connection."""
+        await self._control.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
     @property
     def holds_wakeup_lock(self) -> bool:

@@ -150,6 +150,7 @@ class OutboxPoller:
             close_publisher = getattr(self.publisher, "close", None)
             if close_publisher is not None:
                 close_publisher()
+            await self._hand_over_wakeups()
             await self._say_goodbye()
             await self.db.close()
 
@@ -349,6 +350,19 @@ class OutboxPoller:
             "memory_mb": round(self.memory.last_mb, 1),
             "restarts": self.restarts,
         }
+
+    async def _hand_over_wakeups(self) -> None:
+        """A relay that stops while holding the wake-up lock lets it go and wakes the others:
+        one of them takes it over, instead of sleeping on without wake-ups until its polling
+        interval ends."""
+        if not self.db.holds_wakeup_lock:
+            return
+        try:
+            await self.db.close_work()  # the lock goes with the connection
+            if self.db.control_ok:
+                await self.db.wake_relays()
+        except Exception as exc:
+            logger.warning("could not hand over wake-ups: %s: %s", type(exc).__name__, exc)
 
     async def _say_goodbye(self) -> None:
         """A relay that stops cleanly leaves the list of live relays at once."""

@@ -267,6 +267,15 @@ def test_terminated_connections_are_restored_with_listen(db, database_url):
     assert len(handled_rows(db)) == 4, out
 
 
+def wakeup_lock_holders(db) -> int:
+    classid, objid = WAKEUP_LOCK
+    return query(
+        db,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        f" AND classid = {classid} AND objid = {objid} AND objsubid = 2",
+    )[0][0]
+
+
 def test_two_sleeping_relays_are_woken_by_each_write(db, database_url):
     """Writers notify only while a relay sleeps; with two relays asleep, one holds the wake-up
     lock and the other relies on it. Polling is slow: only a NOTIFY delivers within seconds."""
@@ -275,20 +284,38 @@ def test_two_sleeping_relays_are_woken_by_each_write(db, database_url):
     try:
         for relay in relays:
             wait_ready(relay)
-        classid, objid = WAKEUP_LOCK
-        holders = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            f" AND classid = {classid} AND objid = {objid} AND objsubid = 2"
-        )
-        assert wait_until(lambda: query(db, holders)[0][0] == 1, timeout=10)
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
         for n in range(1, 4):
             write_events(db, [uuid.uuid4()], per_entity=1)
             assert wait_until(lambda n=n: len(handled_rows(db)) == n, timeout=5)
             # Drained, one of them sleeps holding the lock again.
-            assert wait_until(lambda: query(db, holders)[0][0] == 1, timeout=5)
+            assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
     finally:
         outs = [stop(relay) for relay in relays]
     assert len(handled_rows(db)) == 3, outs
+
+
+def test_a_relay_stopping_with_the_wakeup_lock_hands_it_to_a_sleeping_one(db, database_url):
+    """The second relay sleeps relying on the first one's lock; when the first stops, its
+    goodbye wakes the second, which takes the lock long before its 30 s polling would."""
+    slow = {"OUTBOX_POLLER_INTERVAL_MIN": 30, "OUTBOX_POLLER_INTERVAL_MAX": 30}
+    first = start_relay(database_url, **slow)
+    second = None
+    try:
+        wait_ready(first)
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
+        second = start_relay(database_url, **slow)
+        wait_ready(second)
+        time.sleep(1)  # asleep, relying on the first relay's lock
+        assert stop(first) is not None and first.returncode == 0
+
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
+        write_events(db, [uuid.uuid4()], per_entity=1)
+        assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=5)
+    finally:
+        for relay in (first, second):
+            if relay is not None and relay.poll() is None:
+                stop(relay)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,9 @@ class FakeDatabase:
         self.log.append(f"promise:{answer.value}")
         return answer
 
+    async def wake_relays(self):
+        self.log.append("wake relays")
+
     async def release_wakeups(self):
         self.holds_wakeup_lock = False
         self.log.append("release")

@@ -153,15 +153,15 @@ async def test_before_sleeping_it_promises_wakeups_then_claims_once_more():
 
     task = asyncio.create_task(poller.run())
     await asyncio.sleep(0.3)
-    held_while_asleep = db.holds_wakeup_lock
+    held_while_asleep, log = db.holds_wakeup_lock, list(db.log)
     poller.stop()
     await task
 
     # A writer that committed between the empty claim and the promise sent no NOTIFY: the
     # claim after the promise finds its events. Then the relay sleeps, promise kept (its one
     # more claim is the wake-up the listener gives when it starts).
-    assert db.log[:3] == ["claim:0", "promise:mine", "claim:0"]
-    assert set(db.log[3:]) <= {"claim:0"} and len(db.log) <= 4
+    assert log[:3] == ["claim:0", "promise:mine", "claim:0"]
+    assert set(log[3:]) <= {"claim:0"} and len(log) <= 4
     assert held_while_asleep
     assert not db.holds_wakeup_lock  # stopped: the lock went with the work connection
 
@@ -179,11 +179,12 @@ async def test_busy_it_releases_the_promise_and_takes_it_again_when_drained():
     deadline = time.monotonic() + 5
     while db.log[-2:] != ["promise:mine", "claim:0"] and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
+    log = list(db.log)
     poller.stop()
     await task
 
-    woken = db.log.index("claim:1")
-    assert db.log[woken:] == ["claim:1", "release", "claim:0", "promise:mine", "claim:0"]
+    woken = log.index("claim:1")
+    assert log[woken:] == ["claim:1", "release", "claim:0", "promise:mine", "claim:0"]
 
 
 async def test_writers_still_committing_make_it_look_again_soon_not_sleep():
@@ -210,4 +211,18 @@ async def test_another_relays_promise_is_checked_again_after_each_sleep():
     assert db.log[:6] == [
         "claim:0", "promise:another", "claim:0", "claim:0", "promise:another", "claim:0",
     ]  # fmt: skip
+    assert not db.holds_wakeup_lock
+
+
+async def test_stopping_while_holding_the_wakeup_lock_hands_it_over():
+    db = FakeDatabase()
+    poller = make_poller(db, interval_min=30, interval_max=30)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.3)
+    assert db.holds_wakeup_lock
+
+    poller.stop()
+    await task
+
+    assert db.log[-1] == "wake relays"  # after the work connection (and the lock) closed
     assert not db.holds_wakeup_lock
