@@ -318,6 +318,46 @@ def test_a_relay_stopping_with_the_wakeup_lock_hands_it_to_a_sleeping_one(db, da
                 stop(relay)
 
 
+def test_the_database_gone_for_seconds_loses_nothing_and_wakeups_come_back(db):
+    """The relay reaches PostgreSQL through a TCP proxy that is switched off for 3 s, cutting
+    both of its connections: it retries with backoff, does not crash, then handles what was
+    written meanwhile; and, its LISTEN and wake-up lock restored, a later write wakes it (with
+    30 s polling only a NOTIFY can get an event handled within seconds)."""
+    from django.db import connection
+
+    from tests.integration.celery_support import TcpProxy
+    from tests.integration.celery_support import database_url as url_of
+
+    settings = connection.settings_dict
+    if str(settings.get("HOST") or "").startswith("/"):
+        pytest.skip("the database server listens on a socket only")
+    proxy = TcpProxy(settings.get("HOST") or "127.0.0.1", int(settings.get("PORT") or 5432))
+    proxy.start()
+    proxied = url_of({**settings, "HOST": "127.0.0.1", "PORT": proxy.port})
+    relay = start_relay(proxied, OUTBOX_POLLER_INTERVAL_MIN=30, OUTBOX_POLLER_INTERVAL_MAX=30)
+    try:
+        wait_ready(relay)
+        write_events(db, [uuid.uuid4()], per_entity=1)
+        assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=10)
+
+        proxy.stop()
+        write_events(db, [uuid.uuid4(), uuid.uuid4()], per_entity=2)
+        time.sleep(3)
+        assert relay.poll() is None and len(handled_rows(db)) == 1
+        proxy.start()
+        assert wait_until(lambda: pending_count(db) == 0, timeout=20)
+
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
+        write_events(db, [uuid.uuid4()], per_entity=1)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=5)
+        assert relay.poll() is None
+    finally:
+        out = stop(relay)
+        proxy.stop()
+    assert len(handled_rows(db)) == 6, out
+    assert_entity_order(db)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "named"),
     [
