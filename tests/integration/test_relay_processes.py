@@ -268,11 +268,13 @@ def test_terminated_connections_are_restored_with_listen(db, database_url):
 
 
 def wakeup_lock_holders(db) -> int:
+    """How many relays hold the wake-up lock (0 or 1)."""
     classid, objid = WAKEUP_LOCK
     return query(
         db,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        f" AND classid = {classid} AND objid = {objid} AND objsubid = 2",
+        f" AND classid = {classid} AND objid = {objid} AND objsubid = 2"
+        " AND mode = 'ExclusiveLock'",  # a relay's; a writer's is shared
     )[0][0]
 
 
@@ -293,6 +295,35 @@ def test_two_sleeping_relays_are_woken_by_each_write(db, database_url):
     finally:
         outs = [stop(relay) for relay in relays]
     assert len(handled_rows(db)) == 3, outs
+
+
+def test_an_open_transaction_with_events_does_not_hold_back_other_writers_events(db, database_url):
+    """A transaction that inserted events while no relay slept sends no NOTIFY, and keeps every
+    relay from sleeping on the wake-up lock until it commits. Meanwhile the relay looks again
+    every few milliseconds, so other writers' events flow; the open transaction's once it
+    commits. Polling is 30 s: without that, none of these would be handled within seconds."""
+    with psycopg.connect(db) as long_writer:
+        long_writer.execute(
+            "INSERT INTO outbox (event_type, entity_type, entity_id, payload)"
+            " VALUES ('test.changed', 'test', %s, '{}')",
+            (uuid.uuid4(),),
+        )  # left open: no relay runs yet, so it took the wake-up lock shared
+        relay = start_relay(
+            database_url, OUTBOX_POLLER_INTERVAL_MIN=30, OUTBOX_POLLER_INTERVAL_MAX=30
+        )
+        try:
+            wait_ready(relay)
+            for n in range(1, 4):
+                time.sleep(0.3)
+                write_events(db, [uuid.uuid4()], per_entity=1)
+                assert wait_until(lambda n=n: len(handled_rows(db)) == n, timeout=3)
+            assert wakeup_lock_holders(db) == 0
+            long_writer.commit()
+            assert wait_until(lambda: len(handled_rows(db)) == 4, timeout=3)
+            assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
+        finally:
+            out = stop(relay)
+    assert len(handled_rows(db)) == 4, out
 
 
 def test_a_relay_stopping_with_the_wakeup_lock_hands_it_to_a_sleeping_one(db, database_url):
