@@ -205,12 +205,12 @@ class DatabaseConnection:
         if self.holds_wakeup_lock:
             return WakeupPromise.MINE  # taken twice, it would need two unlocks
         cursor = await self._work.execute(TAKE_WAKEUP_LOCK_SQL, prepare=True)
-        taken, held_by_another = await cursor.fetchone()
+        (answer,) = await cursor.fetchone()
         await self._work.commit()
-        if taken:
+        promise = WakeupPromise(answer)
+        if promise is WakeupPromise.MINE:
             self._wakeup_lock_conn = self._work
-            return WakeupPromise.MINE
-        return WakeupPromise.ANOTHER if held_by_another else WakeupPromise.NONE
+        return promise
 
     async def release_wakeups(self) -> None:
         """Busy again: writers need not notify (unless another relay sleeps)."""
@@ -263,18 +263,17 @@ class WakeupPromise(enum.Enum):
 
 
 _WAKEUP_KEY = f"{WAKEUP_LOCK[0]}, {WAKEUP_LOCK[1]}"
-# pg_try_advisory_lock runs first (a CTE is evaluated before the query that reads it), so the
-# pg_locks look only matters when it failed. objsubid 2 marks a lock taken with two int4 keys.
+# CASE evaluates its conditions in order and stops at the first true one. The exclusive lock
+# failed: either a relay holds it (then the shared try fails too) or only writers do (then the
+# shared try succeeds, and is undone at once). No look at pg_locks, which would copy the whole
+# lock table under all its partition locks, every 10 ms while a writer's transaction is open.
 TAKE_WAKEUP_LOCK_SQL = f"""
-    WITH attempt AS MATERIALIZED (SELECT pg_try_advisory_lock({_WAKEUP_KEY}) AS taken)
-    SELECT attempt.taken,
-           NOT attempt.taken AND EXISTS (
-               SELECT FROM pg_locks
-               WHERE locktype = 'advisory' AND classid = {WAKEUP_LOCK[0]}
-                 AND objid = {WAKEUP_LOCK[1]} AND objsubid = 2
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 AND mode = 'ExclusiveLock' AND granted)
-    FROM attempt
+    SELECT CASE
+        WHEN pg_try_advisory_lock({_WAKEUP_KEY}) THEN 'mine'
+        WHEN NOT pg_try_advisory_lock_shared({_WAKEUP_KEY}) THEN 'another'
+        WHEN pg_advisory_unlock_shared({_WAKEUP_KEY}) THEN 'none'
+        ELSE 'none'
+    END
 """
 RELEASE_WAKEUP_LOCK_SQL = f"SELECT pg_advisory_unlock({_WAKEUP_KEY})"
 

@@ -102,6 +102,9 @@ class OutboxPoller:
         # connections there).
         self._after_batch = after_batch
         self._handler_thread: HandlerThread | None = None
+        # When the earliest retry this relay scheduled comes due (monotonic), or None: a sleep
+        # ends then, not at the end of a long polling interval.
+        self._retry_due: float | None = None
 
     # -- registration --------------------------------------------------------------------------
 
@@ -194,11 +197,21 @@ class OutboxPoller:
                 # now on, and one may have come after the claim that found nothing.
                 promise = await self._promise_wakeups()
                 continue
-            await self._sleep(interval)
+            await self._sleep(self._until_retry_due(interval))
             interval = min(interval * 2, self.settings.interval_max)
             if promise is WakeupPromise.ANOTHER:
                 promise = None  # the other relay may have woken (and stopped promising)
         return StopReason.STOPPED
+
+    def _until_retry_due(self, interval: float) -> float:
+        """The polling interval, cut short by the earliest retry this relay scheduled: a retry
+        makes no NOTIFY when it comes due."""
+        if self._retry_due is not None:
+            left = self._retry_due - time.monotonic()
+            if left > 0:
+                return min(interval, left)
+            self._retry_due = None  # due before this empty claim: taken, or blocked behind others
+        return interval
 
     async def _promise_wakeups(self) -> WakeupPromise | None:
         """Make writers notify while this relay sleeps; None when that cannot be promised yet
@@ -277,6 +290,14 @@ class OutboxPoller:
 
     async def _record(self, outcome: BatchOutcome) -> None:
         await self.db.finish_batch(outcome.processed, outcome.retries, outcome.failures)
+        if outcome.retries:
+            # Counted from now, after the commit: the database's own due time has passed by then.
+            now = time.monotonic()
+            due = now + min(delay for _id, delay, _error in outcome.retries)
+            if self._retry_due is None or self._retry_due <= now:  # none, or one already past
+                self._retry_due = due
+            else:
+                self._retry_due = min(self._retry_due, due)
         if outcome.publish_error is None:
             self._error_backoff = 0.0
         self.processed_count += len(outcome.processed)

@@ -188,6 +188,31 @@ def test_failing_entity_waits_while_others_flow_then_is_dead_lettered(db, databa
     assert_entity_order(db)
 
 
+def test_a_retry_comes_due_on_time_however_long_the_polling_interval(db, database_url):
+    """A retry coming due sends no NOTIFY; the relay that scheduled it wakes for it, so with
+    30 s polling three attempts 0.3 s apart still end in the dead letter within seconds."""
+    bad = uuid.uuid4()
+    relay = start_relay(
+        database_url,
+        RELAY_TEST_FAIL_ENTITY=str(bad),
+        OUTBOX_POLLER_MAX_ATTEMPTS=3,
+        OUTBOX_POLLER_RETRY_BASE_DELAY=0.3,
+        OUTBOX_POLLER_RETRY_MAX_DELAY=0.3,
+        OUTBOX_POLLER_INTERVAL_MIN=30,
+        OUTBOX_POLLER_INTERVAL_MAX=30,
+    )
+    try:
+        wait_ready(relay)
+        write_events(db, [bad], per_entity=1)
+        assert wait_until(
+            lambda: query(db, "SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL")[0][0] == 1,
+            timeout=8,
+        ), stop(relay)
+    finally:
+        out = stop(relay) if relay.poll() is None else ""
+    assert query(db, "SELECT attempts FROM outbox")[0][0] == 3, out
+
+
 def test_malformed_rows_do_not_crash_the_relay(db, database_url):
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(
