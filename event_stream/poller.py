@@ -213,6 +213,14 @@ class OutboxPoller:
             self._retry_due = None  # due before this empty claim: taken, or blocked behind others
         return interval
 
+    def _note_retry_due(self, delay: float) -> None:
+        # Counted from after the batch's commit, so the database's own due time (counted from
+        # inside it) has passed when this one comes. A due time already past is replaced.
+        now = time.monotonic()
+        due = now + delay
+        if self._retry_due is None or self._retry_due <= now or due < self._retry_due:
+            self._retry_due = due
+
     async def _promise_wakeups(self) -> WakeupPromise | None:
         """Make writers notify while this relay sleeps; None when that cannot be promised yet
         (writers that sent no NOTIFY are still committing: after a short pause, look again)."""
@@ -291,13 +299,7 @@ class OutboxPoller:
     async def _record(self, outcome: BatchOutcome) -> None:
         await self.db.finish_batch(outcome.processed, outcome.retries, outcome.failures)
         if outcome.retries:
-            # Counted from now, after the commit: the database's own due time has passed by then.
-            now = time.monotonic()
-            due = now + min(delay for _id, delay, _error in outcome.retries)
-            if self._retry_due is None or self._retry_due <= now:  # none, or one already past
-                self._retry_due = due
-            else:
-                self._retry_due = min(self._retry_due, due)
+            self._note_retry_due(min(delay for _id, delay, _error in outcome.retries))
         if outcome.publish_error is None:
             self._error_backoff = 0.0
         self.processed_count += len(outcome.processed)
