@@ -27,6 +27,9 @@ from tests.integration.relays import (
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
+# Polling so slow that only a NOTIFY (or the mechanism under test) delivers within seconds.
+SLOW_POLLING = {"OUTBOX_POLLER_INTERVAL_MIN": 30, "OUTBOX_POLLER_INTERVAL_MAX": 30}
+
 
 @pytest.fixture
 def db(conninfo):
@@ -36,6 +39,10 @@ def db(conninfo):
 
 def handled_rows(conninfo):
     return query(conninfo, "SELECT outbox_id, entity_id, pid, seq FROM relay_test_handled")
+
+
+def dead_lettered_count(conninfo) -> int:
+    return query(conninfo, "SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL")[0][0]
 
 
 def assert_entity_order(conninfo):
@@ -164,10 +171,7 @@ def test_failing_entity_waits_while_others_flow_then_is_dead_lettered(db, databa
         assert wait_until(lambda: len(handled_rows(db)) == 3, timeout=20)
         assert {r[1] for r in handled_rows(db)} == {good}
         # After 3 attempts the head is dead-lettered with its error; the next event is tried.
-        assert wait_until(
-            lambda: query(db, "SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL")[0][0] == 3,
-            timeout=30,
-        )
+        assert wait_until(lambda: dead_lettered_count(db) == 3, timeout=30)
     finally:
         stop(relay)
     failed = query(
@@ -198,18 +202,14 @@ def test_a_retry_comes_due_on_time_however_long_the_polling_interval(db, databas
         OUTBOX_POLLER_MAX_ATTEMPTS=3,
         OUTBOX_POLLER_RETRY_BASE_DELAY=0.3,
         OUTBOX_POLLER_RETRY_MAX_DELAY=0.3,
-        OUTBOX_POLLER_INTERVAL_MIN=30,
-        OUTBOX_POLLER_INTERVAL_MAX=30,
+        **SLOW_POLLING,
     )
     try:
         wait_ready(relay)
         write_events(db, [bad], per_entity=1)
-        assert wait_until(
-            lambda: query(db, "SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL")[0][0] == 1,
-            timeout=8,
-        ), stop(relay)
+        assert wait_until(lambda: dead_lettered_count(db) == 1, timeout=8)
     finally:
-        out = stop(relay) if relay.poll() is None else ""
+        out = stop(relay)
     assert query(db, "SELECT attempts FROM outbox")[0][0] == 3, out
 
 
@@ -266,9 +266,7 @@ def test_memory_limit_restarts_in_place_and_counts_it(db, database_url):
 
 
 def test_terminated_connections_are_restored_with_listen(db, database_url):
-    relay = start_relay(
-        database_url, OUTBOX_POLLER_INTERVAL_MIN=30, OUTBOX_POLLER_INTERVAL_MAX=30
-    )  # polling is slow: only NOTIFY can deliver fast
+    relay = start_relay(database_url, **SLOW_POLLING)
     try:
         wait_ready(relay)
         write_events(db, [uuid.uuid4()], per_entity=1)
@@ -306,8 +304,7 @@ def wakeup_lock_holders(db) -> int:
 def test_two_sleeping_relays_are_woken_by_each_write(db, database_url):
     """Writers notify only while a relay sleeps; with two relays asleep, one holds the wake-up
     lock and the other relies on it. Polling is slow: only a NOTIFY delivers within seconds."""
-    slow = {"OUTBOX_POLLER_INTERVAL_MIN": 30, "OUTBOX_POLLER_INTERVAL_MAX": 30}
-    relays = [start_relay(database_url, **slow) for _ in range(2)]
+    relays = [start_relay(database_url, **SLOW_POLLING) for _ in range(2)]
     try:
         for relay in relays:
             wait_ready(relay)
@@ -333,9 +330,7 @@ def test_an_open_transaction_with_events_does_not_hold_back_other_writers_events
             " VALUES ('test.changed', 'test', %s, '{}')",
             (uuid.uuid4(),),
         )  # left open: no relay runs yet, so it took the wake-up lock shared
-        relay = start_relay(
-            database_url, OUTBOX_POLLER_INTERVAL_MIN=30, OUTBOX_POLLER_INTERVAL_MAX=30
-        )
+        relay = start_relay(database_url, **SLOW_POLLING)
         try:
             wait_ready(relay)
             for n in range(1, 4):
@@ -354,13 +349,12 @@ def test_an_open_transaction_with_events_does_not_hold_back_other_writers_events
 def test_a_relay_stopping_with_the_wakeup_lock_hands_it_to_a_sleeping_one(db, database_url):
     """The second relay sleeps relying on the first one's lock; when the first stops, its
     goodbye wakes the second, which takes the lock long before its 30 s polling would."""
-    slow = {"OUTBOX_POLLER_INTERVAL_MIN": 30, "OUTBOX_POLLER_INTERVAL_MAX": 30}
-    first = start_relay(database_url, **slow)
+    first = start_relay(database_url, **SLOW_POLLING)
     second = None
     try:
         wait_ready(first)
         assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
-        second = start_relay(database_url, **slow)
+        second = start_relay(database_url, **SLOW_POLLING)
         wait_ready(second)
         time.sleep(1)  # asleep, relying on the first relay's lock
         assert stop(first) is not None and first.returncode == 0
@@ -390,7 +384,7 @@ def test_the_database_gone_for_seconds_loses_nothing_and_wakeups_come_back(db):
     proxy = TcpProxy(settings.get("HOST") or "127.0.0.1", int(settings.get("PORT") or 5432))
     proxy.start()
     proxied = url_of({**settings, "HOST": "127.0.0.1", "PORT": proxy.port})
-    relay = start_relay(proxied, OUTBOX_POLLER_INTERVAL_MIN=30, OUTBOX_POLLER_INTERVAL_MAX=30)
+    relay = start_relay(proxied, **SLOW_POLLING)
     try:
         wait_ready(relay)
         write_events(db, [uuid.uuid4()], per_entity=1)
