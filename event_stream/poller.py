@@ -4,6 +4,8 @@ One loop around a stop event. It wakes on whichever comes first: a NOTIFY from t
 trigger, the adaptive polling interval (the seed's fallback when notifications are lost), or the
 stop event. Writers send the NOTIFY only while a relay sleeps: before sleeping, the relay takes
 the wake-up lock and claims once more; as soon as a claim finds events, it lets the lock go.
+A relay that finds the lock held by another sleeps too, trying the lock again every
+`HOLDER_CHECK_INTERVAL`: the holder may be gone without a word.
 Side tasks (the listener, which also writes heartbeats) are named, watched, and cancelled on
 exit with their errors logged.
 """
@@ -38,6 +40,9 @@ RECONNECT_BACKOFF_MAX = 10.0
 # How soon to look again when writers that sent no wake-up are still committing: they are
 # usually microseconds from their commit; a long transaction is looked at 100 times a second.
 UNCOMMITTED_WRITERS_PAUSE = 0.01
+# How often a relay sleeping beside the wake-up lock's holder checks that it still holds it:
+# one statement of lock tries, no claim.
+HOLDER_CHECK_INTERVAL = 0.25
 
 
 class StopReason(enum.Enum):
@@ -197,11 +202,32 @@ class OutboxPoller:
                 # now on, and one may have come after the claim that found nothing.
                 promise = await self._promise_wakeups()
                 continue
-            await self._sleep(self._until_retry_due(interval))
-            interval = min(interval * 2, self.settings.interval_max)
             if promise is WakeupPromise.ANOTHER:
-                promise = None  # the other relay may have woken (and stopped promising)
+                promise = await self._sleep_beside_holder(self._until_retry_due(interval))
+            else:
+                await self._sleep(self._until_retry_due(interval))
+            interval = min(interval * 2, self.settings.interval_max)
         return StopReason.STOPPED
+
+    async def _sleep_beside_holder(self, seconds: float) -> WakeupPromise | None:
+        """Sleep while another relay holds the wake-up lock, checking that it still does.
+
+        The holder can stop promising without a word: killed (its lock dies with its session),
+        or woken to work (it lets the lock go). From then on writers skip the NOTIFY, which this
+        relay relies on; so every `HOLDER_CHECK_INTERVAL` it tries the lock again, and takes it
+        over within that time rather than at the end of its polling interval. Returns MINE when
+        it took the lock (the loop claims once more, then sleeps), else None: claim now.
+        """
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > HOLDER_CHECK_INTERVAL:
+            await self._sleep(HOLDER_CHECK_INTERVAL)
+            if self._wakeup.is_set():
+                return None  # a NOTIFY (or stop)
+            promise = await self._promise_wakeups()
+            if promise is not WakeupPromise.ANOTHER:
+                return promise  # MINE, or None after the pause for uncommitted writers
+        await self._sleep(max(left, 0))
+        return None  # the polling interval is over: claim
 
     def _until_retry_due(self, interval: float) -> float:
         """The polling interval, cut short by the earliest retry this relay scheduled: a retry

@@ -368,6 +368,31 @@ def test_a_relay_stopping_with_the_wakeup_lock_hands_it_to_a_sleeping_one(db, da
                 stop(relay)
 
 
+def test_a_relay_killed_with_the_wakeup_lock_leaves_a_sleeping_one_to_take_it(db, database_url):
+    """Killed, the holder says no goodbye; its lock dies with its session and writers stop
+    notifying. The relay sleeping beside it checks the lock every quarter second, takes it, and
+    handles the next write within seconds, not at the end of its 30 s polling interval."""
+    first = start_relay(database_url, **SLOW_POLLING)
+    second = None
+    try:
+        wait_ready(first)
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
+        second = start_relay(database_url, **SLOW_POLLING)
+        wait_ready(second)
+        time.sleep(1)  # asleep, relying on the first relay's lock
+        first.send_signal(signal.SIGKILL)
+        stop(first)
+
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
+        write_events(db, [uuid.uuid4()], per_entity=1)
+        assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=5)
+        assert {pid for _id, _entity, pid, _seq in handled_rows(db)} == {second.pid}
+    finally:
+        for relay in (first, second):
+            if relay is not None and relay.poll() is None:
+                stop(relay)
+
+
 def test_the_database_gone_for_seconds_loses_nothing_and_wakeups_come_back(db):
     """The relay reaches PostgreSQL through a TCP proxy that is switched off for 3 s, cutting
     both of its connections: it retries with backoff, does not crash, then handles what was

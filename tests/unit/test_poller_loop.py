@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from event_stream import poller as poller_module
 from event_stream.database import WakeupPromise
 from event_stream.poller import OutboxPoller, StopReason
 from event_stream.settings import RelaySettings
@@ -212,6 +213,25 @@ async def test_another_relays_promise_is_checked_again_after_each_sleep():
         "claim:0", "promise:another", "claim:0", "claim:0", "promise:another", "claim:0",
     ]  # fmt: skip
     assert not db.holds_wakeup_lock
+
+
+async def test_beside_another_holder_it_checks_the_lock_often_and_claims_seldom(monkeypatch):
+    monkeypatch.setattr(poller_module, "HOLDER_CHECK_INTERVAL", 0.02)
+    db = FakeDatabase()
+    # Another relay holds the lock for three checks, then is gone (killed, or busy).
+    db.wakeup_answers = [WakeupPromise.ANOTHER] * 3 + [WakeupPromise.MINE]
+    poller = make_poller(db, interval_min=30, interval_max=30)
+    started = time.monotonic()
+
+    def took_over_and_claimed() -> bool:
+        return "promise:mine" in db.log[:-1]
+
+    await run_until(poller, took_over_and_claimed, timeout=2)
+
+    assert time.monotonic() - started < 1.0  # not the 30 s polling interval
+    # Checks while asleep are lock tries, no claims; the lock taken, one more claim.
+    mine = db.log.index("promise:mine")
+    assert db.log[mine - 1 : mine + 2] == ["promise:another", "promise:mine", "claim:0"]
 
 
 async def test_stopping_while_holding_the_wakeup_lock_hands_it_over():
