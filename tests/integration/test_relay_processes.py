@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -346,51 +347,49 @@ def test_an_open_transaction_with_events_does_not_hold_back_other_writers_events
     assert len(handled_rows(db)) == 4, out
 
 
+@contextlib.contextmanager
+def a_holder_and_a_relay_asleep_beside_it(db, database_url):
+    """Two relays with 30 s polling, both asleep: the first holds the wake-up lock, the second
+    relies on it. Stops whichever still runs at the end."""
+    relays = [start_relay(database_url, **SLOW_POLLING)]
+    try:
+        wait_ready(relays[0])
+        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
+        relays.append(start_relay(database_url, **SLOW_POLLING))
+        wait_ready(relays[1])
+        time.sleep(1)  # asleep, relying on the first relay's lock
+        yield relays[0], relays[1]
+    finally:
+        for relay in relays:
+            if relay.poll() is None:
+                stop(relay)
+
+
+def assert_the_lock_taken_over_and_a_write_handled_in_seconds(db):
+    assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
+    write_events(db, [uuid.uuid4()], per_entity=1)
+    assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=5)
+
+
 def test_a_relay_stopping_with_the_wakeup_lock_hands_it_to_a_sleeping_one(db, database_url):
     """The second relay sleeps relying on the first one's lock; when the first stops, its
     goodbye wakes the second, which takes the lock long before its 30 s polling would."""
-    first = start_relay(database_url, **SLOW_POLLING)
-    second = None
-    try:
-        wait_ready(first)
-        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
-        second = start_relay(database_url, **SLOW_POLLING)
-        wait_ready(second)
-        time.sleep(1)  # asleep, relying on the first relay's lock
+    with a_holder_and_a_relay_asleep_beside_it(db, database_url) as (first, _second):
         assert stop(first) is not None and first.returncode == 0
 
-        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
-        write_events(db, [uuid.uuid4()], per_entity=1)
-        assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=5)
-    finally:
-        for relay in (first, second):
-            if relay is not None and relay.poll() is None:
-                stop(relay)
+        assert_the_lock_taken_over_and_a_write_handled_in_seconds(db)
 
 
 def test_a_relay_killed_with_the_wakeup_lock_leaves_a_sleeping_one_to_take_it(db, database_url):
     """Killed, the holder says no goodbye; its lock dies with its session and writers stop
     notifying. The relay sleeping beside it checks the lock every quarter second, takes it, and
     handles the next write within seconds, not at the end of its 30 s polling interval."""
-    first = start_relay(database_url, **SLOW_POLLING)
-    second = None
-    try:
-        wait_ready(first)
-        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=10)
-        second = start_relay(database_url, **SLOW_POLLING)
-        wait_ready(second)
-        time.sleep(1)  # asleep, relying on the first relay's lock
+    with a_holder_and_a_relay_asleep_beside_it(db, database_url) as (first, second):
         first.send_signal(signal.SIGKILL)
         stop(first)
 
-        assert wait_until(lambda: wakeup_lock_holders(db) == 1, timeout=5)
-        write_events(db, [uuid.uuid4()], per_entity=1)
-        assert wait_until(lambda: len(handled_rows(db)) == 1, timeout=5)
+        assert_the_lock_taken_over_and_a_write_handled_in_seconds(db)
         assert {pid for _id, _entity, pid, _seq in handled_rows(db)} == {second.pid}
-    finally:
-        for relay in (first, second):
-            if relay is not None and relay.poll() is None:
-                stop(relay)
 
 
 def test_the_database_gone_for_seconds_loses_nothing_and_wakeups_come_back(db):
