@@ -60,6 +60,8 @@ class DatabaseConnection:
         self._control: psycopg.AsyncConnection | None = None
         # The work connection that holds the wake-up lock (a session lock dies with it).
         self._wakeup_lock_conn: psycopg.AsyncConnection | None = None
+        # How much of the queue the last second look of the ordered claim read (`_claim_heads`).
+        self._heads_prefix = 0
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -144,15 +146,34 @@ class DatabaseConnection:
         if len(rows) < batch_size and scanned == batch_size:
             # The first rows in id order may all be blocked (the followers of an entity whose
             # head waits for a retry): look past them, so that other entities never starve.
-            cursor = await self._work.execute(
-                CLAIM_HEADS_SQL,
-                {"limit": batch_size - len(rows), "taken": id_array([r[0] for r in rows])},
-                prepare=True,
-            )
-            more = await cursor.fetchall()
+            more = await self._claim_heads(batch_size - len(rows), [r[0] for r in rows])
             if more:
                 rows = sorted(rows + more, key=lambda row: row[0])
         return rows
+
+    async def _claim_heads(self, limit: int, taken: list[int]) -> list[tuple]:
+        """Up to `limit` more events, each the first pending one of its entity (CLAIM_HEADS_SQL).
+
+        The prefix of the queue it reads doubles until it holds enough heads or the whole
+        queue; a larger prefix holds every head of a smaller one, so the last look's rows
+        include the ones the earlier looks locked. It starts at four batches, or at half the
+        prefix the last second look needed: behind a lasting retry backlog the next claim needs
+        about as much (two looks, not a doubling from the start), and once the backlog is gone
+        the start halves back down claim after claim.
+        """
+        prefix = max(4 * (limit + len(taken)), self._heads_prefix // 2)
+        while True:
+            cursor = await self._work.execute(
+                CLAIM_HEADS_SQL,
+                {"limit": limit, "taken": id_array(taken), "prefix": prefix},
+                prepare=True,
+            )
+            result = await cursor.fetchall()
+            heads = [row[:-1] for row in result if row[0] is not None]
+            if len(heads) == limit or result[0][-1] < prefix:
+                self._heads_prefix = prefix
+                return heads
+            prefix *= 2
 
     async def mark_processed(self, ids: Sequence[int]) -> bool:
         """Mark events handled (the seed's call); part of the open batch transaction."""
@@ -302,32 +323,16 @@ def _as_text(alias: str) -> str:
     )
 
 
-def _earlier_pending_exists(row: str, also: str = "") -> str:
-    """Whether an earlier event of the row's entity is pending: one per-entity index probe.
-
-    A scalar subquery, not a bare EXISTS: the planner cannot turn it into an anti join, which
-    on a freshly filled outbox (no statistics yet) it ran unparameterized, comparing every
-    candidate with every pending row. As a subplan it is one index probe per row.
-    """
-    return (
-        f"(SELECT EXISTS (SELECT 1 FROM outbox AS e"
-        f" WHERE e.entity_id = {row}.entity_id AND e.id < {row}.id"
-        f" AND e.processed_at IS NULL AND e.failed_at IS NULL {also}))"
-    )
-
-
-# Ordered claim. Take the first pending, available, unlocked events in id order (like the
-# unordered claim), then keep only those with no earlier pending event of their entity outside
-# the batch (locked by another relay, or waiting for a retry). Such an earlier event can only
-# lie in the batch's gaps: the pending rows below the batch's last id that the batch skipped.
-# `gaps` counts them; when there are none (a single relay's usual claim) nothing is checked.
-# When there are a few (other relays' batches: up to 4 batches' worth), `blockers` reads
-# exactly those rows, walking the pending index in id order up to their count, and one hash
-# anti join keeps the batch rows none of them holds back. When there are many (a queue front
-# full of events waiting for a retry, say during a handler's outage), each batch row is looked
-# up in the per-entity index instead: 1,000 lookups cost less than reading 20,000 such rows.
-# (Lookups for the few-gaps case cost two relays an eighth of PostgreSQL's time.)
-# Rows left out stay locked until the batch ends; they are blocked anyway.
+# Ordered claim, with no index on the entity: capture would pay for one on every event written
+# (a 500-row UPDATE kept 52% of its bare rate with a per-entity pending index, 60% without:
+# `bench/capture.py`). Take the first pending, available, unlocked events in id order (like
+# the unordered claim), then keep only those with no earlier pending event of their entity
+# outside the batch (held by another relay, or waiting for a retry). Such an event can only lie
+# in the batch's gaps: the pending rows below the batch's last id that the batch did not take.
+# `gaps` counts them (an index-only count); when there are none (a single relay's usual claim)
+# nothing more is read. Otherwise `blockers` reads exactly those rows, walking the pending
+# index in id order up to their count, and one hash anti join keeps the batch rows none of them
+# holds back. Rows left out stay locked until the batch ends; they are blocked anyway.
 # The last column, on every row, is how many rows the locking scan took (`scanned`); when there
 # is nothing to return, one row of NULLs carries it. Fewer than the limit means the scan saw
 # every available event, so the second look (below) would find nothing more.
@@ -342,40 +347,58 @@ WITH batch AS MATERIALIZED (
 ), scan AS MATERIALIZED (
     SELECT count(*) AS scanned, max(id) AS last_id FROM batch
 ), gaps AS MATERIALIZED (
-    SELECT skipped, skipped <= 4 * %(limit)s AS few
-    FROM (SELECT (SELECT count(*) FROM outbox AS o
-                  WHERE {_PENDING} AND o.id <= scan.last_id) - scan.scanned AS skipped
-          FROM scan
-          OFFSET 0  -- counted once, not once for each use of `skipped`
-         ) AS counted
+    SELECT (SELECT count(*) FROM outbox AS o
+            WHERE {_PENDING} AND o.id <= scan.last_id) - scan.scanned AS skipped
+    FROM scan
 ), blockers AS MATERIALIZED (
     SELECT o.entity_id, o.id
     FROM outbox AS o
     WHERE {_PENDING} AND NOT (o.id = ANY (SELECT id FROM batch))
     ORDER BY o.id
-    LIMIT (SELECT CASE WHEN few THEN skipped ELSE 0 END FROM gaps)
+    LIMIT (SELECT skipped FROM gaps)
 ), taken AS (
     SELECT {_as_text("b")} FROM batch AS b
     WHERE NOT EXISTS (SELECT 1 FROM blockers AS k
                       WHERE k.entity_id = b.entity_id AND k.id < b.id)
-      AND ((SELECT few FROM gaps) OR b.entity_id IS NULL
-           OR NOT {_earlier_pending_exists("b", also="AND e.id NOT IN (SELECT id FROM batch)")})
 )
 SELECT taken.*, scan.scanned
 FROM scan LEFT JOIN taken ON true
 ORDER BY taken.id
 """
 
-# The ordered claim's second look, when its batch was not full: events with no earlier pending
-# event of their entity, anywhere in the queue (the rows already taken count as pending).
+# The ordered claim's second look, when its batch was not full (its first rows were blocked,
+# say behind events waiting for a retry): the heads of a prefix of the queue. The prefix is read
+# without locking, from the first pending row on, so each entity's first row in it is its first
+# pending event anywhere: a head. Every pending event counts, whoever holds it and whenever it
+# is due, and so do the rows this claim already took. Heads that are available and not held by
+# another relay are taken, in id order. How many rows the prefix held is the last column on
+# every row (one row of NULLs when none is taken); a prefix with too few heads grows
+# (`_claim_heads`).
 CLAIM_HEADS_SQL = f"""
-SELECT {_as_text("o")}
-FROM outbox AS o
-WHERE {_PENDING} AND o.available_at <= now() AND o.id <> ALL(%(taken)s::bigint[])
-  AND NOT {_earlier_pending_exists("o")}
-ORDER BY o.id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+WITH prefix AS MATERIALIZED (
+    SELECT o.id, o.entity_id
+    FROM outbox AS o
+    WHERE {_PENDING}
+    ORDER BY o.id
+    LIMIT %(prefix)s
+), heads AS (
+    SELECT min(id) AS id FROM prefix WHERE entity_id IS NOT NULL GROUP BY entity_id
+    UNION ALL
+    SELECT id FROM prefix WHERE entity_id IS NULL
+), taken AS MATERIALIZED (
+    -- Heads in id order, each looked up by id, until enough are locked: a long backlog has
+    -- many heads waiting for a retry, and none of them is read more than once.
+    SELECT {_as_text("o")}
+    FROM (SELECT id FROM heads ORDER BY id) AS h
+    JOIN outbox AS o ON o.id = h.id
+    WHERE o.id <> ALL(%(taken)s::bigint[]) AND {_PENDING} AND o.available_at <= now()
+    ORDER BY h.id
+    LIMIT %(limit)s
+    FOR UPDATE OF o SKIP LOCKED
+)
+SELECT taken.*, seen.rows
+FROM (SELECT count(*) AS rows FROM prefix) AS seen LEFT JOIN taken ON true
+ORDER BY taken.id
 """
 
 CLAIM_UNORDERED_SQL = f"""

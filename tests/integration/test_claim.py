@@ -94,8 +94,8 @@ def test_only_entities_with_an_event_in_the_gaps_are_held_back(conn, conninfo):
 
 
 def test_a_queue_front_full_of_retrying_heads_still_holds_their_followers(conn, conninfo):
-    # Given 12 entities whose first event waits for a retry (more gaps than the claim reads
-    # one by one: it looks each candidate up instead), each with a follower, then two others
+    # Given 12 entities whose first event waits for a retry, each with a follower, then two
+    # others: a front longer than the second look's first prefix (four batches), which grows
     blocked = [uuid.uuid4() for _ in range(12)]
     heads = [insert(conn, entity)[0] for entity in blocked]
     conn.execute(
@@ -107,6 +107,30 @@ def test_a_queue_front_full_of_retrying_heads_still_holds_their_followers(conn, 
 
     # When a relay claims 2 events, then it gets the two free ones and no follower
     assert claim(conninfo, 2) == free
+
+
+def test_the_second_look_leaves_alone_entities_whose_first_event_another_relay_holds(
+    conn, conninfo
+):
+    # Given X's first event waiting for a retry and its follower, then Y's first event held by
+    # another relay and its follower, then Z's event
+    x, y, z = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    x_head, _x_next = insert(conn, x, 2)
+    y_head, y_next = insert(conn, y, 2)
+    z_ids = insert(conn, z)
+    conn.execute(
+        "UPDATE outbox SET available_at = now() + interval '1 hour' WHERE id = %s", (x_head,)
+    )
+    with psycopg.connect(conninfo) as other_relay:
+        other_relay.execute("SELECT id FROM outbox WHERE id = %s FOR UPDATE", (y_head,))
+
+        # When a relay claims 2 (its first look takes X's and Y's followers, both blocked, so
+        # it looks past them for the heads of the queue)
+        taken = claim(conninfo, 2)
+
+    # Then it gets Z's event, and not Y's follower
+    assert taken == z_ids
+    assert y_next not in taken
 
 
 def test_an_entitys_run_comes_in_one_batch_when_nothing_else_is_pending(conn, conninfo):
