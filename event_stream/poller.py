@@ -255,9 +255,7 @@ class OutboxPoller:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.warning("could not arm wake-ups: %s: %s", type(exc).__name__, exc)
-            await self._safe_rollback()
-            await self._pause_after_error()
+            await self._abandon_transaction("could not arm wake-ups", exc)
             return None
         if promise is WakeupPromise.NONE:
             await self._sleep(UNCOMMITTED_WRITERS_PAUSE)
@@ -307,9 +305,7 @@ class OutboxPoller:
         except Exception as exc:
             # The transaction is gone with the connection (or rolled back): every claimed row
             # is pending again, and handled again later. At least once, nothing lost.
-            logger.warning("batch aborted, rows released: %s: %s", type(exc).__name__, exc)
-            await self._safe_rollback()
-            await self._pause_after_error()
+            await self._abandon_transaction("batch aborted, rows released", exc)
             return None
 
     async def _handle(self, rows: list[tuple]) -> BatchOutcome:
@@ -336,6 +332,12 @@ class OutboxPoller:
                 len(outcome.held), outcome.publish_error,
             )  # fmt: skip
             await self._pause_after_error()
+
+    async def _abandon_transaction(self, what: str, exc: Exception) -> None:
+        """After a failed statement on the work connection: say so, roll back, pause."""
+        logger.warning("%s: %s: %s", what, type(exc).__name__, exc)
+        await self._safe_rollback()
+        await self._pause_after_error()
 
     async def _safe_rollback(self) -> None:
         try:

@@ -154,18 +154,27 @@ def test_second_signal_stops_at_once_and_loses_nothing(db, database_url):
     drain_with_a_fresh_relay(db, database_url)
 
 
+def start_relay_failing_three_times(database_url, entity, retry_delays, **env):
+    """A relay whose handler raises on `entity`'s events: three attempts, then dead letter;
+    retries wait between `retry_delays` (base, max) seconds."""
+    base, most = retry_delays
+    return start_relay(
+        database_url,
+        RELAY_TEST_FAIL_ENTITY=str(entity),
+        OUTBOX_POLLER_MAX_ATTEMPTS=3,
+        OUTBOX_POLLER_RETRY_BASE_DELAY=base,
+        OUTBOX_POLLER_RETRY_MAX_DELAY=most,
+        **env,
+    )
+
+
 def test_failing_entity_waits_while_others_flow_then_is_dead_lettered(db, database_url):
     bad, good = uuid.uuid4(), uuid.uuid4()
     write_events(db, [bad, good], per_entity=3)
-    relay = start_relay(
-        database_url,
-        RELAY_TEST_FAIL_ENTITY=str(bad),
-        OUTBOX_POLLER_MAX_ATTEMPTS=3,
-        OUTBOX_POLLER_RETRY_BASE_DELAY=0.2,
-        OUTBOX_POLLER_RETRY_MAX_DELAY=0.5,
-        OUTBOX_POLLER_INTERVAL_MIN=0.1,
-        OUTBOX_POLLER_INTERVAL_MAX=0.2,
-    )
+    relay = start_relay_failing_three_times(
+        database_url, bad, retry_delays=(0.2, 0.5),
+        OUTBOX_POLLER_INTERVAL_MIN=0.1, OUTBOX_POLLER_INTERVAL_MAX=0.2,
+    )  # fmt: skip
     try:
         wait_ready(relay)
         # The good entity flows at once; the bad one's later events wait behind its head.
@@ -197,13 +206,8 @@ def test_a_retry_comes_due_on_time_however_long_the_polling_interval(db, databas
     """A retry coming due sends no NOTIFY; the relay that scheduled it wakes for it, so with
     30 s polling three attempts 0.3 s apart still end in the dead letter within seconds."""
     bad = uuid.uuid4()
-    relay = start_relay(
-        database_url,
-        RELAY_TEST_FAIL_ENTITY=str(bad),
-        OUTBOX_POLLER_MAX_ATTEMPTS=3,
-        OUTBOX_POLLER_RETRY_BASE_DELAY=0.3,
-        OUTBOX_POLLER_RETRY_MAX_DELAY=0.3,
-        **SLOW_POLLING,
+    relay = start_relay_failing_three_times(
+        database_url, bad, retry_delays=(0.3, 0.3), **SLOW_POLLING
     )
     try:
         wait_ready(relay)
