@@ -31,8 +31,9 @@ SENT = "Sending due task event_stream: queue depth check (event_stream.check_que
 
 
 def add_events(n: int, **fields) -> None:
+    fields.setdefault("payload", {})
     Outbox.objects.bulk_create(
-        Outbox(event_type="test.changed", entity_type="test", payload={}, **fields)
+        Outbox(event_type="test.changed", entity_type="test", **fields)
         for _ in range(n)
     )
 
@@ -106,6 +107,42 @@ class TestCleanup:
         add_events(1, processed_at=timezone.now() - datetime.timedelta(days=3))
         monkeypatch.setenv("OUTBOX_RETENTION_DAYS", "2")
         assert cleanup_processed() == 1
+
+    def test_inside_a_transaction_it_deletes_and_says_it_did_not_vacuum(self, caplog):
+        add_events(1, processed_at=timezone.now() - datetime.timedelta(days=8))
+        with caplog.at_level(logging.WARNING, logger="event_stream.celery"):
+            assert cleanup_processed() == 1
+        assert "not vacuuming the outbox" in caplog.text
+        assert not Outbox.objects.exists()
+
+
+def outbox_pages() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_relation_size('outbox') / current_setting('block_size')::int")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+class TestCleanupFreesSpace:
+    def test_the_outbox_keeps_its_pages_when_vacuumed(self):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT reloptions FROM pg_class WHERE relname = 'outbox'")
+            assert "vacuum_truncate=false" in cursor.fetchone()[0]
+
+    def test_the_next_events_take_the_space_of_the_deleted_ones(self, caplog):
+        """Cleanup vacuums (the space is reused) and the file keeps its pages (not truncated)."""
+        old = timezone.now() - datetime.timedelta(days=8)
+        add_events(3_000, processed_at=old, payload={"data": "x" * 500})
+        pages = outbox_pages()
+        assert pages > 100
+
+        with caplog.at_level(logging.WARNING, logger="event_stream.celery"):
+            assert cleanup_processed() == 3_000
+        assert "not vacuuming" not in caplog.text
+        assert outbox_pages() == pages  # a VACUUM that truncates would leave none
+
+        add_events(3_000, payload={"data": "x" * 500})
+        assert outbox_pages() == pages  # without the VACUUM, the file would double
 
 
 class TestQueueDepthCheck:
