@@ -33,8 +33,7 @@ SENT = "Sending due task event_stream: queue depth check (event_stream.check_que
 def add_events(n: int, **fields) -> None:
     fields.setdefault("payload", {})
     Outbox.objects.bulk_create(
-        Outbox(event_type="test.changed", entity_type="test", **fields)
-        for _ in range(n)
+        Outbox(event_type="test.changed", entity_type="test", **fields) for _ in range(n)
     )
 
 
