@@ -165,14 +165,19 @@ def cleanup_processed(retention_days: int | None = None, chunk_size: int = CLEAN
 
 
 def vacuum_outbox() -> None:
-    """VACUUM ANALYZE the outbox; only outside a transaction, where PostgreSQL allows it."""
+    """VACUUM ANALYZE the outbox; only outside a transaction, where PostgreSQL allows it.
+
+    SKIP_LOCKED: when another VACUUM (autovacuum, say) holds the table, that one does the work;
+    waiting for it would hold the cleanup up for as long as it runs.
+    """
     from event_stream.models import Outbox
 
     if connection.in_atomic_block:
         logger.warning("cleanup: not vacuuming the outbox: called inside a transaction")
         return
+    table = connection.ops.quote_name(Outbox._meta.db_table)
     with connection.cursor() as cursor:
-        cursor.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(Outbox._meta.db_table)}")
+        cursor.execute(f"VACUUM (ANALYZE, SKIP_LOCKED) {table}")
 
 
 # -- beat: queue depth ------------------------------------------------------------------------

@@ -143,6 +143,18 @@ class TestCleanupFreesSpace:
         add_events(3_000, payload={"data": "x" * 500})
         assert outbox_pages() == pages  # without the VACUUM, the file would double
 
+    def test_a_vacuum_already_running_does_not_hold_the_cleanup_up(self, conninfo):
+        add_events(10, processed_at=timezone.now() - datetime.timedelta(days=8))
+        with psycopg.connect(conninfo) as other:  # holds the lock a VACUUM takes, as one would
+            other.execute("LOCK TABLE outbox IN SHARE UPDATE EXCLUSIVE MODE")
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '5s'")  # a waiting VACUUM fails the test
+            try:
+                assert cleanup_processed() == 10
+            finally:
+                with connection.cursor() as cursor:
+                    cursor.execute("RESET lock_timeout")
+
 
 class TestQueueDepthCheck:
     @pytest.mark.parametrize(
