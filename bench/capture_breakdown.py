@@ -130,7 +130,7 @@ def build_copy(conn, index: int, variant: Variant, settings: list[str], notify: 
         f"INSERT INTO {table} (id, created_at, updated_at, name, description_html, priority, "
         "sequence_id, sort_order, is_draft, project_id, workspace_id) "
         "SELECT gen_random_uuid(), now(), now(), 'Issue ' || n, '<p>Steps to reproduce</p>', "
-        f"'none', n, 65535, false, gen_random_uuid(), gen_random_uuid() "
+        "'none', n, 65535, false, gen_random_uuid(), gen_random_uuid() "
         f"FROM generate_series(1, {ROWS}) AS n"
     )
     conn.execute(f"CREATE UNIQUE INDEX {table}_pick ON {table} (sequence_id)")
