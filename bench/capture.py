@@ -43,7 +43,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,32 @@ def drop_database(maintenance: dict, database: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
         )
+
+
+@contextmanager
+def migrated_database(database: str) -> Iterator[str]:
+    """A new database of this name on the bench's server, migrated: yields its conninfo, and
+    drops it at the end, whatever happened."""
+    maintenance = setup_django(database)
+    import django
+
+    create_database(maintenance, database)
+    try:
+        django.setup()
+        from django.core.management import call_command
+        from django.db import connection
+
+        from event_stream.database import conninfo_from_django
+
+        call_command("migrate", verbosity=0)
+        conninfo = conninfo_from_django(connection.settings_dict)
+        connection.close()
+        yield conninfo
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        drop_database(maintenance, database)
 
 
 class Bench:
@@ -332,23 +359,9 @@ def check_events_written(found: int, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    maintenance = setup_django(args.database)
-    import django
-
-    create_database(maintenance, args.database)
-    try:
-        django.setup()
-        from django.core.management import call_command
-        from django.db import connection
-
-        from event_stream.database import conninfo_from_django
-
-        call_command("migrate", verbosity=0)
+    with migrated_database(args.database) as conninfo:
         # The cleanup between rounds logs a line at INFO; the report is what this prints.
         logging.getLogger("event_stream.celery").setLevel(logging.WARNING)
-        conninfo = conninfo_from_django(connection.settings_dict)
-        connection.close()
-
         import psycopg
 
         with psycopg.connect(conninfo, autocommit=True) as conn:
@@ -385,11 +398,6 @@ def main(argv: list[str] | None = None) -> int:
                     bench.clean_up_outbox()
             print()
             met = report(rounds)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        drop_database(maintenance, args.database)
     return 0 if met else 1
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capture import create_database, drop_database, setup_django
+from capture import migrated_database
 
 BENCH_DATABASE = "event_stream_bench_breakdown"
 ROWS = 1000
@@ -211,21 +211,7 @@ def report(chosen: list[Variant], rounds: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    maintenance = setup_django(args.database)
-    import django
-
-    create_database(maintenance, args.database)
-    try:
-        django.setup()
-        from django.core.management import call_command
-        from django.db import connection
-
-        from event_stream.database import conninfo_from_django
-
-        call_command("migrate", verbosity=0)
-        conninfo = conninfo_from_django(connection.settings_dict)
-        connection.close()
-
+    with migrated_database(args.database) as conninfo:
         import psycopg
 
         with psycopg.connect(conninfo, autocommit=True) as conn:
@@ -252,11 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                     rounds.append(latencies)
             print()
             report(chosen, rounds)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        drop_database(maintenance, args.database)
     return 0
 
 
