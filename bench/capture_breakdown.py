@@ -109,10 +109,13 @@ def shipped_update_function(conn) -> tuple[str, list[str]]:
 
 
 def outbox_notify_function(conn) -> str:
-    return conn.execute(
+    row = conn.execute(
         "SELECT tgfoid::regproc::text FROM pg_trigger "
         "WHERE tgrelid = 'outbox'::regclass AND NOT tgisinternal"
-    ).fetchone()[0]
+    ).fetchone()
+    if row is None:
+        raise RuntimeError("no NOTIFY trigger on the outbox: was it migrated?")
+    return row[0]
 
 
 def build_copy(conn, index: int, variant: Variant, settings: list[str], notify: str) -> None:
