@@ -3,7 +3,10 @@
 Declare them in a captured model's `Meta.triggers` with `capture_triggers(...)`; `makemigrations`
 writes them into migrations (django-pgtrigger). Each trigger is statement-level with a
 transition table, so a 1,000-row `UPDATE` costs one `INSERT ... SELECT` into the outbox, not
-1,000 function calls. The payload is built as `json` text (`row_to_json`), which the outbox
+1,000 function calls. One exception: an UPDATE that changes a primary key (which the update
+trigger, pairing old and new rows by key, cannot pair) is told by a row-level trigger that
+fires only when the UPDATE names the key, as the old key's `.deleted` and the new key's
+`.created`. The payload is built as `json` text (`row_to_json`), which the outbox
 stores as written; the difference between old and new row is one expression generated from the
 model's columns, keeping JSON types (an int stays an int, null stays null).
 
@@ -141,6 +144,31 @@ def deleted_func(entity_type: str, pk_column: str, soft_delete_column: str | Non
     return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
 
 
+def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str | None) -> str:
+    """The row-level body for an UPDATE that changed a row's primary key.
+
+    The update trigger pairs old and new rows by key, so a row whose key changed has no pair
+    there. It is told as its delete and insert triggers would tell it: the old key's
+    `.deleted` (unless already soft-deleted, as `deleted_func` says) and the new key's
+    `.created`, each with its whole row.
+    """
+    pk = _ident(pk_column)
+    empty = "'{}'::json"
+    already_announced = (
+        f"WHERE OLD.{_ident(soft_delete_column)} IS NULL" if soft_delete_column else ""
+    )
+    return f"""
+        INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
+        SELECT {_sql_text(f"{entity_type}.deleted")}, {_sql_text(entity_type)}, OLD.{pk},
+               json_build_object('data', row_to_json(OLD), 'previous_attributes', {empty})
+        {already_announced};
+        INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
+        VALUES ({_sql_text(f"{entity_type}.created")}, {_sql_text(entity_type)}, NEW.{pk},
+                json_build_object('data', row_to_json(NEW), 'previous_attributes', {empty}));
+        RETURN NULL;
+    """
+
+
 # Column types without an equality operator: compared as jsonb instead.
 NO_EQUALITY_TYPES = frozenset(
     {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
@@ -265,8 +293,11 @@ class UpdateCaptureTrigger(PinnedTrigger):
                 f"{model._meta.label}: capture names unknown columns {unknown}; "
                 f"its columns are {sorted(columns)}"
             )
+        # The key is equal on both sides of the pairing; a changed key is the key trigger's.
         compared = [
-            (f.column, f.db_type(connection)) for f in fields if f.column not in self.ignore
+            (f.column, f.db_type(connection))
+            for f in fields
+            if f.column not in self.ignore and f.column != self.pk_column
         ]
         return updated_func(self.entity_type, self.pk_column, compared, self.soft_delete)
 
@@ -278,7 +309,7 @@ def capture_triggers(
     soft_delete: str | None = None,
     pk_column: str = "id",
 ) -> list[pgtrigger.Trigger]:
-    """The three capture triggers of one entity, for a model's `Meta.triggers`.
+    """The capture triggers of one entity, for a model's `Meta.triggers`.
 
     entity_type: prefix of the event types (`issue` gives `issue.created`, ...).
     ignore: columns whose change alone emits nothing (`updated_at`, large text columns).
@@ -305,6 +336,18 @@ def capture_triggers(
             pk_column=pk_column,
             ignore=ignored,
             soft_delete=soft_delete,
+        ),
+        PinnedTrigger(
+            name=f"{name}_capture_key_change",
+            level=pgtrigger.Row,
+            when=pgtrigger.After,
+            # Fires only for an UPDATE that names the key in its SET list (Django's never
+            # does), so every other UPDATE pays no expression for it, only a column check.
+            operation=pgtrigger.UpdateOf(pk_column),
+            condition=pgtrigger.Condition(
+                f"OLD.{_ident(pk_column)} IS DISTINCT FROM NEW.{_ident(pk_column)}"
+            ),
+            func=key_changed_func(entity_type, pk_column, soft_delete),
         ),
         PinnedTrigger(
             name=f"{name}_capture_delete",

@@ -123,6 +123,69 @@ class TestIssueLifecycle:
 
         assert events() == []
 
+    def test_changed_key_writes_the_old_keys_deleted_then_the_new_keys_created(self, project):
+        issue = issue_for(project, name="Old name")
+        issue.save()
+        new_id = uuid.uuid4()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(id=new_id, name="New name")
+
+        deleted, created = events()
+        assert (deleted.event_type, deleted.entity_id) == ("issue.deleted", issue.id)
+        assert deleted.payload == {
+            "data": {**deleted.payload["data"], "id": str(issue.id), "name": "Old name"},
+            "previous_attributes": {},
+        }
+        assert (created.event_type, created.entity_id) == ("issue.created", new_id)
+        assert created.payload["data"]["id"] == str(new_id)
+        assert created.payload["data"]["name"] == "New name"
+        assert created.payload["previous_attributes"] == {}
+
+    def test_one_statement_changing_one_key_among_three_rows(self, project):
+        moved, kept_1, kept_2 = issues = [issue_for(project, name=f"i{n}") for n in range(3)]
+        Issue.objects.bulk_create(issues)
+        new_id = uuid.uuid4()
+        clear_outbox()
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE plane_issue SET priority = 'high', "
+                "id = CASE WHEN id = %s THEN %s ELSE id END WHERE id = ANY(%s)",
+                [moved.id, new_id, [i.id for i in issues]],
+            )
+
+        written = [(e.event_type, e.entity_id) for e in events()]
+        assert written[:2] == [("issue.deleted", moved.id), ("issue.created", new_id)]
+        assert sorted(written[2:]) == sorted(
+            [("issue.updated", kept_1.id), ("issue.updated", kept_2.id)]
+        )
+        assert Outbox.objects.get(entity_id=kept_1.id).payload["previous_attributes"] == {
+            "priority": "none"
+        }
+
+    def test_changed_key_of_a_soft_deleted_issue_announces_only_the_new_key(self, project):
+        issue = issue_for(project, deleted_at=timezone.now())
+        issue.save()
+        new_id = uuid.uuid4()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(id=new_id)
+
+        event = only_event()
+        assert (event.event_type, event.entity_id) == ("issue.created", new_id)
+
+    def test_key_set_to_itself_writes_no_key_events(self, project):
+        issue = issue_for(project)
+        issue.save()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(id=issue.id, name="Renamed")
+
+        event = only_event()
+        assert event.event_type == "issue.updated"
+        assert event.payload["previous_attributes"] == {"name": "An issue"}
+
 
 class TestRelationEvents:
     def test_assignee_added_and_removed(self, project):
@@ -144,6 +207,18 @@ class TestRelationEvents:
             assert event.entity_id == link_id
             assert event.payload["data"]["issue_id"] == str(issue.id)
             assert event.payload["data"]["assignee_id"] == user.id  # an int stays an int
+
+    def test_relation_row_with_a_changed_key(self, project):
+        issue = issue_for(project)
+        issue.save()
+        link = IssueAssignee.objects.create(issue=issue, assignee=User.objects.create(username="b"))
+        new_id = uuid.uuid4()
+        clear_outbox()
+
+        IssueAssignee.objects.filter(pk=link.pk).update(id=new_id)
+
+        written = [(e.event_type, e.entity_id) for e in events()]
+        assert written == [("issue_assignee.deleted", link.id), ("issue_assignee.created", new_id)]
 
     def test_label_added(self, project):
         issue = issue_for(project)
