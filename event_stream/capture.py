@@ -341,7 +341,7 @@ def capture_triggers(
             name=f"{name}_capture_key_change",
             level=pgtrigger.Row,
             when=pgtrigger.After,
-            # Fires only for an UPDATE that names the key in its SET list (Django's never
+            # Fires only for an UPDATE that names the key in its SET list (a Django save never
             # does), so every other UPDATE pays no expression for it, only a column check.
             operation=pgtrigger.UpdateOf(pk_column),
             condition=pgtrigger.Condition(
