@@ -115,9 +115,17 @@ def _sql_text_array(values: Iterable[str]) -> str:
     return f"ARRAY[{items}]::text[]"
 
 
+_OUTBOX_INSERT = f"INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)"
+
+
+def _whole_row_payload(row: str) -> str:
+    """The payload of a created or deleted row: all of it, nothing changed."""
+    return f"json_build_object('data', row_to_json({row}), 'previous_attributes', '{{}}'::json)"
+
+
 def _insert_events_sql(entity_type: str, pk_column: str, event_type_sql: str, rows_sql: str) -> str:
     return f"""
-        INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
+        {_OUTBOX_INSERT}
         SELECT {event_type_sql}, {_sql_text(entity_type)}, ev.entity_id, ev.payload
         FROM ({rows_sql}) AS ev;
         RETURN NULL;
@@ -127,7 +135,7 @@ def _insert_events_sql(entity_type: str, pk_column: str, event_type_sql: str, ro
 def created_func(entity_type: str, pk_column: str) -> str:
     rows = f"""
         SELECT r.{pk_column} AS entity_id,
-               json_build_object('data', row_to_json(r), 'previous_attributes', '{{}}'::json)
+               {_whole_row_payload("r")}
                    AS payload
         FROM new_rows AS r"""
     return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.created"), rows)
@@ -138,7 +146,7 @@ def deleted_func(entity_type: str, pk_column: str, soft_delete_column: str | Non
     already_announced = f"WHERE r.{soft_delete_column} IS NULL" if soft_delete_column else ""
     rows = f"""
         SELECT r.{pk_column} AS entity_id,
-               json_build_object('data', row_to_json(r), 'previous_attributes', '{{}}'::json)
+               {_whole_row_payload("r")}
                    AS payload
         FROM old_rows AS r {already_announced}"""
     return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
@@ -153,18 +161,17 @@ def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str |
     `.created`, each with its whole row.
     """
     pk = _ident(pk_column)
-    empty = "'{}'::json"
     already_announced = (
         f"WHERE OLD.{_ident(soft_delete_column)} IS NULL" if soft_delete_column else ""
     )
     return f"""
-        INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
+        {_OUTBOX_INSERT}
         SELECT {_sql_text(f"{entity_type}.deleted")}, {_sql_text(entity_type)}, OLD.{pk},
-               json_build_object('data', row_to_json(OLD), 'previous_attributes', {empty})
+               {_whole_row_payload("OLD")}
         {already_announced};
-        INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
+        {_OUTBOX_INSERT}
         VALUES ({_sql_text(f"{entity_type}.created")}, {_sql_text(entity_type)}, NEW.{pk},
-                json_build_object('data', row_to_json(NEW), 'previous_attributes', {empty}));
+                {_whole_row_payload("NEW")});
         RETURN NULL;
     """
 
@@ -225,7 +232,7 @@ def updated_func(
         event_type = _sql_text(f"{entity_type}.updated")
     pk = _ident(pk_column)
     return f"""
-        INSERT INTO {OUTBOX_TABLE} (event_type, entity_type, entity_id, payload)
+        {_OUTBOX_INSERT}
         SELECT ev.event_type, {_sql_text(entity_type)}, ev.entity_id,
                json_build_object(
                    'data', row_to_json(ev.new_row),
