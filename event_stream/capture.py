@@ -3,12 +3,15 @@
 Declare them in a captured model's `Meta.triggers` with `capture_triggers(...)`; `makemigrations`
 writes them into migrations (django-pgtrigger). Each trigger is statement-level with a
 transition table, so a 1,000-row `UPDATE` costs one `INSERT ... SELECT` into the outbox, not
-1,000 function calls. One exception: an UPDATE that changes a primary key (which the update
-trigger, pairing old and new rows by key, cannot pair) is told by a row-level trigger that
-fires only when the UPDATE names the key, as the old key's `.deleted` and the new key's
-`.created`. The payload is built as `json` text (`row_to_json`), which the outbox
-stores as written; the difference between old and new row is one expression generated from the
-model's columns, keeping JSON types (an int stays an int, null stays null).
+1,000 function calls. Two cases they cannot see have triggers of their own: an UPDATE that
+changes a primary key (the update trigger pairs old and new rows by key) is told by a row-level
+trigger that fires only when the UPDATE names the key, as the old key's `.deleted` and the new
+key's `.created`; a TRUNCATE (no transition tables) by a trigger that reads the table before it
+is emptied, as each row's `.deleted`.
+
+The payload is built as `json` text (`row_to_json`), which the outbox stores as written; the
+difference between old and new row is one expression generated from the model's columns,
+keeping JSON types (an int stays an int, null stays null).
 
 What we do differently from Plane's own triggers: nothing here catches errors. If the outbox
 insert fails, the business write fails with it; an event is never dropped silently.
@@ -149,6 +152,27 @@ def deleted_func(entity_type: str, pk_column: str, soft_delete_column: str | Non
                {_whole_row_payload("r")}
                    AS payload
         FROM old_rows AS r {already_announced}"""
+    return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
+
+
+def truncated_func(
+    entity_type: str, pk_column: str, table: str, soft_delete_column: str | None
+) -> str:
+    """The BEFORE TRUNCATE body: every row's `.deleted`, as a DELETE of all rows would write.
+
+    A TRUNCATE removes rows without a transition table or row triggers, so without this its
+    rows would vanish from the stream; before it, the table still holds them (and is locked
+    exclusively, so none can change in between). `ONLY`: a child table that is truncated with
+    its parent fires a trigger of its own.
+    """
+    already_announced = (
+        f"WHERE r.{_ident(soft_delete_column)} IS NULL" if soft_delete_column else ""
+    )
+    rows = f"""
+        SELECT r.{_ident(pk_column)} AS entity_id,
+               {_whole_row_payload("r")}
+                   AS payload
+        FROM ONLY {_ident(table)} AS r {already_announced}"""
     return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
 
 
@@ -309,6 +333,23 @@ class UpdateCaptureTrigger(PinnedTrigger):
         return updated_func(self.entity_type, self.pk_column, compared, self.soft_delete)
 
 
+class TruncateCaptureTrigger(PinnedTrigger):
+    """The TRUNCATE trigger, whose body reads the model's own table: rendered per model."""
+
+    def __init__(
+        self, *, entity_type: str, pk_column: str, soft_delete: str | None, **kwargs
+    ) -> None:
+        self.entity_type = entity_type
+        self.pk_column = pk_column
+        self.soft_delete = soft_delete
+        super().__init__(**kwargs)
+
+    def get_func(self, model) -> str:
+        return truncated_func(
+            self.entity_type, self.pk_column, model._meta.db_table, self.soft_delete
+        )
+
+
 def capture_triggers(
     entity_type: str,
     *,
@@ -363,6 +404,15 @@ def capture_triggers(
             operation=pgtrigger.Delete,
             referencing=pgtrigger.Referencing(old="old_rows"),
             func=deleted_func(entity_type, pk_column, soft_delete),
+        ),
+        TruncateCaptureTrigger(
+            name=f"{name}_capture_truncate",
+            level=pgtrigger.Statement,
+            when=pgtrigger.Before,
+            operation=pgtrigger.Truncate,
+            entity_type=entity_type,
+            pk_column=pk_column,
+            soft_delete=soft_delete,
         ),
     ]
 

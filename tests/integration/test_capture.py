@@ -259,6 +259,54 @@ class TestRelationEvents:
         assert only_event().event_type == "cycle.deleted"
 
 
+def truncate(sql: str) -> None:
+    with connection.cursor() as cursor:
+        # The test's own inserts left deferred foreign-key checks pending, and PostgreSQL
+        # refuses to truncate a table with pending trigger events: run them now.
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        cursor.execute(sql)
+
+
+class TestTruncate:
+    """A TRUNCATE removes rows without row or transition-table triggers; each row still leaves."""
+
+    def test_truncate_writes_deleted_for_every_row_not_already_deleted(self, project):
+        live = [issue_for(project, name=f"Live {n}") for n in range(2)]
+        for issue in live:
+            issue.save()
+        issue_for(project, name="Soft-deleted", deleted_at=timezone.now()).save()
+        link = IssueAssignee.objects.create(
+            issue=live[0], assignee=User.objects.create(username="t")
+        )
+        clear_outbox()
+
+        truncate("TRUNCATE plane_issue CASCADE")
+
+        assert not Issue.objects.exists()
+        written = {(e.event_type, e.entity_id): e.payload for e in events()}
+        assert set(written) == {
+            ("issue.deleted", live[0].id),
+            ("issue.deleted", live[1].id),
+            ("issue_assignee.deleted", link.id),  # truncated by the cascade
+        }
+        payload = written["issue.deleted", live[1].id]
+        assert payload["data"]["name"] == "Live 1"
+        assert payload["previous_attributes"] == {}
+
+    def test_django_flush_empties_the_outbox_with_everything_else(self, project):
+        """Django's flush (TransactionTestCase, `manage.py flush`) truncates every table in one
+        statement: the events its triggers write go with the outbox."""
+        from django.core.management.color import no_style
+
+        issue_for(project).save()
+        tables = connection.introspection.django_table_names(only_existing=True)
+
+        for sql in connection.ops.sql_flush(no_style(), tables):
+            truncate(sql)
+
+        assert events() == [] and not Issue.objects.exists()
+
+
 class TestTransactions:
     def test_rolled_back_write_leaves_no_event(self, project):
         with pytest.raises(RuntimeError), transaction.atomic():
