@@ -1,6 +1,7 @@
 """Where a single-row UPDATE's capture time goes: the shipped update trigger taken apart.
 
     python bench/capture_breakdown.py [--transactions 3000] [--rounds 4] [--no-commit-flush]
+                                      [--in-server]
 
 Creates its own database (`event_stream_bench_breakdown`) on the server named by DATABASE_URL
 (unset: the embedded server), migrates it, and makes one copy of `plane_issue` per variant
@@ -18,6 +19,11 @@ the same moment; rounds reverse the order, and each starts on cleaned-up outboxe
 each variant's mean latency a write and what it adds to the copy without triggers. With
 --no-commit-flush (`synchronous_commit = off`), the commit does not wait for the disk: what is
 left is the CPU's share.
+
+With --in-server, each variant's UPDATEs run instead in one `DO` block on the server, each its own
+transaction (a `COMMIT` in the loop), one variant after the other: no client, no round trip, so
+rounds differ by a few microseconds rather than by tens. The WAL written a write is reported
+too. Its ratios leave the round trip out of both sides, so they are lower than a client's.
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-commit-flush",
         action="store_true",
         help="synchronous_commit = off: commits do not wait for the disk",
+    )
+    parser.add_argument(
+        "--in-server",
+        action="store_true",
+        help="run each variant's UPDATEs in a DO block on the server, not through pgbench",
     )
     args = parser.parse_args(argv)
     if args.transactions < 1 or args.rounds < 1:
@@ -202,16 +213,58 @@ def run_pgbench(conninfo: str, order: list[int], transactions: int, flush: bool)
     return latencies
 
 
+def run_in_server(conninfo: str, order: list[int], transactions: int, flush: bool) -> dict:
+    """Mean time (us) and WAL (bytes) of each copy's UPDATE, looped in a DO block on the server."""
+    import psycopg
+
+    results = {}
+    for index in order:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f"SET synchronous_commit = {'on' if flush else 'off'}")
+            conn.execute("CREATE TEMP TABLE breakdown_result (seconds float8, wal float8)")
+            # k * 7919 (a prime) walks all rows in an order unlike the heap's.
+            conn.execute(
+                f"""DO $$
+                DECLARE
+                    started timestamptz := clock_timestamp();
+                    wal_start pg_lsn := pg_current_wal_insert_lsn();
+                BEGIN
+                    FOR k IN 1..{transactions} LOOP
+                        UPDATE breakdown_issue_{index} SET priority = k::text, updated_at = now()
+                        WHERE sequence_id = 1 + (k * 7919) % {ROWS};
+                        COMMIT;
+                    END LOOP;
+                    INSERT INTO breakdown_result VALUES (
+                        extract(epoch FROM clock_timestamp() - started),
+                        pg_current_wal_insert_lsn() - wal_start);
+                END $$"""
+            )
+            seconds, wal = conn.execute("SELECT * FROM breakdown_result").fetchone()
+        results[index] = (seconds / transactions * 1e6, wal / transactions)
+    return results
+
+
 def report(chosen: list[Variant], rounds: list[dict]) -> None:
-    means = [statistics.mean(r[index] for r in rounds) for index in range(len(chosen))]
+    means = [statistics.mean(_time(r[index]) for r in rounds) for index in range(len(chosen))]
     base = means[0]
+    with_wal = isinstance(rounds[0][0], tuple)
     width = max(len(v.label) for v in chosen)
     header = f"{'variant':<{width}} {'a write':>10} {'added':>10} {'ratio':>7}"
+    header += f" {'WAL a write':>12} {'rounds (us)':>12}" if with_wal else ""
     print(header)
     print("-" * len(header))
-    for variant, mean in zip(chosen, means, strict=True):
+    for index, (variant, mean) in enumerate(zip(chosen, means, strict=True)):
         added = mean - base
-        print(f"{variant.label:<{width}} {mean:>7.1f} us {added:>+7.1f} us {base / mean:>6.1%}")
+        line = f"{variant.label:<{width}} {mean:>7.1f} us {added:>+7.1f} us {base / mean:>6.1%}"
+        if with_wal:
+            wal = statistics.mean(r[index][1] for r in rounds)
+            spread = " ".join(f"{_time(r[index]):.1f}" for r in rounds)
+            line += f" {wal:>9.0f} B   {spread}"
+        print(line)
+
+
+def _time(result: float | tuple[float, float]) -> float:
+    return result[0] if isinstance(result, tuple) else result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             for index, variant in enumerate(chosen):
                 build_copy(conn, index, variant, settings, notify)
             flush = "not flushed (synchronous_commit = off)" if args.no_commit_flush else "flushed"
+            flush += ", looped on the server" if args.in_server else ", sent by pgbench"
             print(
                 f"PostgreSQL {server}, database {args.database}: single-row UPDATEs, "
                 f"{args.transactions} a variant in each of {args.rounds} rounds after a warm-up "
@@ -238,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 clean_outboxes(conn, len(chosen))
                 order = indexes if n % 2 == 0 else indexes[::-1]
                 transactions = args.transactions if n else max(args.transactions // 10, 1)
-                latencies = run_pgbench(conninfo, order, transactions, not args.no_commit_flush)
+                run = run_in_server if args.in_server else run_pgbench
+                latencies = run(conninfo, order, transactions, not args.no_commit_flush)
                 if n:  # round 0 warms the server up
                     rounds.append(latencies)
             print()
