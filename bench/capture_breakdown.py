@@ -287,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"round, commits {flush}; SET clauses of the shipped function: {settings}"
             )
             indexes = list(range(len(chosen)))
+            run = run_in_server if args.in_server else run_pgbench
             rounds = []
             for n in range(args.rounds + 1):
                 clean_outboxes(conn, len(chosen))
                 order = indexes if n % 2 == 0 else indexes[::-1]
                 transactions = args.transactions if n else max(args.transactions // 10, 1)
-                run = run_in_server if args.in_server else run_pgbench
                 latencies = run(conninfo, order, transactions, not args.no_commit_flush)
                 if n:  # round 0 warms the server up
                     rounds.append(latencies)

@@ -126,7 +126,7 @@ def _whole_row_payload(row: str) -> str:
     return f"json_build_object('data', row_to_json({row}), 'previous_attributes', '{{}}'::json)"
 
 
-def _insert_events_sql(entity_type: str, pk_column: str, event_type_sql: str, rows_sql: str) -> str:
+def _insert_events_sql(entity_type: str, event_type_sql: str, rows_sql: str) -> str:
     return f"""
         {_OUTBOX_INSERT}
         SELECT {event_type_sql}, {_sql_text(entity_type)}, ev.entity_id, ev.payload
@@ -135,24 +135,31 @@ def _insert_events_sql(entity_type: str, pk_column: str, event_type_sql: str, ro
     """
 
 
-def created_func(entity_type: str, pk_column: str) -> str:
-    rows = f"""
-        SELECT r.{pk_column} AS entity_id,
+def _whole_rows_sql(pk_sql: str, source: str, where: str | None = None) -> str:
+    """Each row of `source` (as `r`) with its key and whole-row payload, as `_insert_events_sql`
+    takes them. `pk_sql` is the key column as the caller renders it, and `where` (even empty)
+    follows a space: the installed triggers' SQL, and so their hashes, stay as they were."""
+    tail = "" if where is None else f" {where}"
+    return f"""
+        SELECT r.{pk_sql} AS entity_id,
                {_whole_row_payload("r")}
                    AS payload
-        FROM new_rows AS r"""
-    return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.created"), rows)
+        FROM {source} AS r{tail}"""
+
+
+def _not_yet_announced(soft_delete_sql: str | None) -> str:
+    """A row already soft-deleted announced its `.deleted` then; removing it says nothing new."""
+    return f"WHERE r.{soft_delete_sql} IS NULL" if soft_delete_sql else ""
+
+
+def created_func(entity_type: str, pk_column: str) -> str:
+    rows = _whole_rows_sql(pk_column, "new_rows")
+    return _insert_events_sql(entity_type, _sql_text(f"{entity_type}.created"), rows)
 
 
 def deleted_func(entity_type: str, pk_column: str, soft_delete_column: str | None) -> str:
-    # A row already soft-deleted announced its `.deleted` then; purging it later says nothing new.
-    already_announced = f"WHERE r.{soft_delete_column} IS NULL" if soft_delete_column else ""
-    rows = f"""
-        SELECT r.{pk_column} AS entity_id,
-               {_whole_row_payload("r")}
-                   AS payload
-        FROM old_rows AS r {already_announced}"""
-    return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
+    rows = _whole_rows_sql(pk_column, "old_rows", _not_yet_announced(soft_delete_column))
+    return _insert_events_sql(entity_type, _sql_text(f"{entity_type}.deleted"), rows)
 
 
 def truncated_func(
@@ -165,15 +172,11 @@ def truncated_func(
     exclusively, so none can change in between). `ONLY`: a child table that is truncated with
     its parent fires a trigger of its own.
     """
-    already_announced = (
-        f"WHERE r.{_ident(soft_delete_column)} IS NULL" if soft_delete_column else ""
+    soft_delete = _ident(soft_delete_column) if soft_delete_column else None
+    rows = _whole_rows_sql(
+        _ident(pk_column), f"ONLY {_ident(table)}", _not_yet_announced(soft_delete)
     )
-    rows = f"""
-        SELECT r.{_ident(pk_column)} AS entity_id,
-               {_whole_row_payload("r")}
-                   AS payload
-        FROM ONLY {_ident(table)} AS r {already_announced}"""
-    return _insert_events_sql(entity_type, pk_column, _sql_text(f"{entity_type}.deleted"), rows)
+    return _insert_events_sql(entity_type, _sql_text(f"{entity_type}.deleted"), rows)
 
 
 def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str | None) -> str:
