@@ -36,7 +36,8 @@ class PinnedTriggerSqlV1(compiler.UpsertTriggerSql):
     """pgtrigger's installation SQL, with two changes for capture triggers.
 
     - The function's `search_path` is pinned to the one in force when the migration ran, so a
-      session with another `search_path` cannot redirect the outbox insert.
+      session with another `search_path` cannot redirect the outbox insert (not tight enough:
+      see `PinnedTriggerSqlV2`).
     - No `pgtrigger.ignore` check: capture is never skipped by a session setting.
 
     Migrations reference this class by path; a changed template ships as a new `...V2` class.
@@ -84,10 +85,46 @@ class PinnedJoinTriggerSqlV1(PinnedTriggerSqlV1):
     function_settings = "SET search_path FROM CURRENT SET enable_nestloop = off"
 
 
-class PinnedTrigger(pgtrigger.Trigger):
-    """A pgtrigger trigger installed with `PinnedTriggerSqlV1` (or the class's `sql_class`)."""
+# Run right after the function is created, in the migration's transaction: the schemas its
+# search_path resolves to (so "$user" is resolved now, not at each call), then the session's
+# temporary schema, named last so that it is searched last.
+_PIN_SEARCH_PATH = """
+            DO $pin$ BEGIN
+                EXECUTE format('ALTER FUNCTION %I() SET search_path = %s', '{pgid}', (
+                    SELECT string_agg(quote_ident(s.name), ', ' ORDER BY s.position)
+                    FROM unnest(current_schemas(false)) WITH ORDINALITY AS s(name, position)
+                    WHERE s.name !~ '^pg_temp_[0-9]+$'
+                ) || ', pg_temp');
+            END $pin$;
+"""
 
-    sql_class: type[PinnedTriggerSqlV1] = PinnedTriggerSqlV1
+
+class PinnedTriggerSqlV2(PinnedTriggerSqlV1):
+    """`PinnedTriggerSqlV1` with a pin that holds against the two tables V1 let in first.
+
+    `SET search_path FROM CURRENT` kept `"$user"` symbolic and left the temporary schema
+    implicit, which PostgreSQL searches first for tables. So a session's temporary table named
+    `outbox`, or an `outbox` in a schema named after the calling role, received the events
+    instead (the temporary one dropped them at the session's end). V2 pins the schemas the
+    migration's `search_path` resolved to, then `pg_temp`.
+    """
+
+    function_settings = ""
+
+    def get_template(self) -> str:
+        return super().get_template() + _PIN_SEARCH_PATH
+
+
+class PinnedJoinTriggerSqlV2(PinnedTriggerSqlV2):
+    """`PinnedJoinTriggerSqlV1` with the pin of `PinnedTriggerSqlV2`."""
+
+    function_settings = "SET enable_nestloop = off"
+
+
+class PinnedTrigger(pgtrigger.Trigger):
+    """A pgtrigger trigger installed with `PinnedTriggerSqlV2` (or the class's `sql_class`)."""
+
+    sql_class: type[PinnedTriggerSqlV1] = PinnedTriggerSqlV2
 
     def compile(self, model) -> compiler.Trigger:
         compiled = super().compile(model)
@@ -298,7 +335,7 @@ class UpdateCaptureTrigger(PinnedTrigger):
     changed trigger into a migration like any other change of the model.
     """
 
-    sql_class = PinnedJoinTriggerSqlV1
+    sql_class = PinnedJoinTriggerSqlV2
 
     def __init__(
         self,

@@ -342,6 +342,50 @@ class TestTransactions:
         assert only_event().event_type == "issue.created"
 
 
+SHADOWING_OUTBOX = {
+    "temporary table": ["CREATE TEMPORARY TABLE outbox (LIKE outbox INCLUDING ALL)"],
+    "schema named after the role": [
+        "SELECT set_config('test.role_schema', quote_ident(current_user), true)",
+        "DO $$ BEGIN EXECUTE format('CREATE SCHEMA %s', current_setting('test.role_schema'));"
+        " EXECUTE format('CREATE TABLE %s.outbox (LIKE outbox INCLUDING ALL)',"
+        " current_setting('test.role_schema')); END $$",
+    ],
+}
+
+
+@pytest.mark.parametrize("shadow", SHADOWING_OUTBOX)
+def test_an_outbox_of_the_session_does_not_catch_events(conninfo, shadow):
+    """A table named `outbox` that the session's default search_path finds first (its temporary
+    schema, or the `"$user"` schema) must not receive the events: they would be lost with it.
+
+    A new session, so that no plan kept from an earlier write names the real outbox already;
+    one transaction, rolled back (the issue's foreign keys are checked only at commit)."""
+    qualified = (
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'outbox'::regclass"
+    )
+    with psycopg.connect(conninfo) as conn:
+        (real,) = conn.execute(qualified).fetchone()
+        for statement in SHADOWING_OUTBOX[shadow]:
+            conn.execute(statement)
+        (shadowing,) = conn.execute(qualified).fetchone()
+        assert shadowing != real  # the session's unqualified `outbox` is now the other one
+
+        conn.execute(
+            "INSERT INTO plane_issue (id, created_at, updated_at, name, description_html,"
+            " priority, sequence_id, sort_order, is_draft, project_id, workspace_id)"
+            " VALUES (%s, now(), now(), 'Shadowed', '', 'none', 1, 1, false, %s, %s)",
+            (uuid.uuid4(), uuid.uuid4(), uuid.uuid4()),
+        )
+
+        counts = {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in (real, shadowing)
+        }
+        conn.rollback()
+    assert counts == {real: 1, shadowing: 0}
+
+
 class TestBulk:
     def test_bulk_insert_and_bulk_update_of_1000_rows(self, project):
         Issue.objects.bulk_create(issue_for(project, name=f"i{n}") for n in range(1000))
