@@ -399,6 +399,91 @@ class TestBulk:
         assert updated.values("entity_id").distinct().count() == 1000
 
 
+class TestOtherWritingStatements:
+    """Statements that write rows without being a plain INSERT, UPDATE or DELETE: each change
+    still writes its one event (PostgreSQL fills the same transition tables for them)."""
+
+    def test_upsert_writes_created_for_the_new_row_and_updated_for_the_conflicting_one(
+        self, project
+    ):
+        existing = issue_for(project, name="Before")
+        existing.save()
+        clear_outbox()
+
+        new = issue_for(project, name="Fresh")
+        replacement = issue_for(project, name="After")
+        replacement.id = existing.id
+        Issue.objects.bulk_create(
+            [replacement, new], update_conflicts=True, unique_fields=["id"], update_fields=["name"]
+        )
+
+        written = events()
+        by_entity = {e.entity_id: e for e in written}
+        assert len(written) == len(by_entity) == 2
+        assert by_entity[existing.id].event_type == "issue.updated"
+        assert by_entity[existing.id].payload["previous_attributes"] == {"name": "Before"}
+        assert by_entity[new.id].event_type == "issue.created"
+
+    def test_merge_writes_each_actions_event(self, project):
+        kept, removed = issue_for(project, name="Kept"), issue_for(project, name="Removed")
+        Issue.objects.bulk_create([kept, removed])
+        clear_outbox()
+        added = issue_for(project, name="Added")
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                MERGE INTO plane_issue AS t
+                USING (VALUES (%s::uuid, 'keep'), (%s::uuid, 'remove'), (%s::uuid, 'add'))
+                    AS s(id, action) ON t.id = s.id
+                WHEN MATCHED AND s.action = 'remove' THEN DELETE
+                WHEN MATCHED THEN UPDATE SET priority = 'urgent'
+                WHEN NOT MATCHED THEN INSERT (id, created_at, updated_at, name,
+                    description_html, priority, sequence_id, sort_order, is_draft, project_id,
+                    workspace_id)
+                    VALUES (s.id, now(), now(), 'Added', '', 'none', 1, 1, false, %s, %s)
+                """,
+                [kept.id, removed.id, added.id, project.id, project.workspace_id],
+            )
+
+        written = {(e.entity_id, e.event_type) for e in events()}
+        assert written == {
+            (kept.id, "issue.updated"),
+            (removed.id, "issue.deleted"),
+            (added.id, "issue.created"),
+        }
+
+    def test_copy_writes_created_for_every_row(self, project):
+        ids = [uuid.uuid4() for _ in range(3)]
+        columns = (
+            "id, created_at, updated_at, name, description_html, priority, sequence_id, "
+            "sort_order, is_draft, project_id, workspace_id"
+        )
+        with (
+            connection.cursor() as cursor,
+            cursor.copy(f"COPY plane_issue ({columns}) FROM STDIN") as copy,
+        ):
+            for n, issue_id in enumerate(ids):
+                copy.write_row(
+                    (
+                        issue_id,
+                        timezone.now(),
+                        timezone.now(),
+                        f"Copied {n}",
+                        "",
+                        "none",
+                        n,
+                        1.0,
+                        False,
+                        project.id,
+                        project.workspace_id,
+                    )
+                )
+
+        assert sorted(e.entity_id for e in events()) == sorted(ids)
+        assert {e.event_type for e in events()} == {"issue.created"}
+
+
 class TestJsonTypes:
     def test_types_survive(self, project):
         issue = issue_for(
