@@ -342,18 +342,27 @@ class TestTransactions:
         assert only_event().event_type == "issue.created"
 
 
-SHADOWING_OUTBOX = {
-    "temporary table": ["CREATE TEMPORARY TABLE outbox (LIKE outbox INCLUDING ALL)"],
-    "schema named after the role": [
-        "SELECT set_config('test.role_schema', quote_ident(current_user), true)",
-        "DO $$ BEGIN EXECUTE format('CREATE SCHEMA %s', current_setting('test.role_schema'));"
-        " EXECUTE format('CREATE TABLE %s.outbox (LIKE outbox INCLUDING ALL)',"
-        " current_setting('test.role_schema')); END $$",
-    ],
-}
+# The columns a raw INSERT or COPY of an issue names (the others are nullable).
+ISSUE_COLUMNS = (
+    "id, created_at, updated_at, name, description_html, priority, sequence_id, sort_order, "
+    "is_draft, project_id, workspace_id"
+)
 
 
-@pytest.mark.parametrize("shadow", SHADOWING_OUTBOX)
+def shadow_the_outbox(conn: psycopg.Connection, shadow: str) -> None:
+    """Give the session an `outbox` of its own that its default search_path finds first."""
+    if shadow == "temporary table":
+        conn.execute("CREATE TEMPORARY TABLE outbox (LIKE outbox INCLUDING ALL)")
+        return
+    (role,) = conn.execute("SELECT current_user").fetchone()
+    schema = psycopg.sql.Identifier(role)  # the "$user" of the default search_path
+    conn.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(schema))
+    conn.execute(
+        psycopg.sql.SQL("CREATE TABLE {}.outbox (LIKE outbox INCLUDING ALL)").format(schema)
+    )
+
+
+@pytest.mark.parametrize("shadow", ["temporary table", "schema named after the role"])
 def test_an_outbox_of_the_session_does_not_catch_events(conninfo, shadow):
     """A table named `outbox` that the session's default search_path finds first (its temporary
     schema, or the `"$user"` schema) must not receive the events: they would be lost with it.
@@ -366,14 +375,12 @@ def test_an_outbox_of_the_session_does_not_catch_events(conninfo, shadow):
     )
     with psycopg.connect(conninfo) as conn:
         (real,) = conn.execute(qualified).fetchone()
-        for statement in SHADOWING_OUTBOX[shadow]:
-            conn.execute(statement)
+        shadow_the_outbox(conn, shadow)
         (shadowing,) = conn.execute(qualified).fetchone()
         assert shadowing != real  # the session's unqualified `outbox` is now the other one
 
         conn.execute(
-            "INSERT INTO plane_issue (id, created_at, updated_at, name, description_html,"
-            " priority, sequence_id, sort_order, is_draft, project_id, workspace_id)"
+            f"INSERT INTO plane_issue ({ISSUE_COLUMNS})"
             " VALUES (%s, now(), now(), 'Shadowed', '', 'none', 1, 1, false, %s, %s)",
             (uuid.uuid4(), uuid.uuid4(), uuid.uuid4()),
         )
@@ -432,56 +439,44 @@ class TestOtherWritingStatements:
 
         with connection.cursor() as cursor:
             cursor.execute(
-                """
+                f"""
                 MERGE INTO plane_issue AS t
                 USING (VALUES (%s::uuid, 'keep'), (%s::uuid, 'remove'), (%s::uuid, 'add'))
                     AS s(id, action) ON t.id = s.id
                 WHEN MATCHED AND s.action = 'remove' THEN DELETE
                 WHEN MATCHED THEN UPDATE SET priority = 'urgent'
-                WHEN NOT MATCHED THEN INSERT (id, created_at, updated_at, name,
-                    description_html, priority, sequence_id, sort_order, is_draft, project_id,
-                    workspace_id)
+                WHEN NOT MATCHED THEN INSERT ({ISSUE_COLUMNS})
                     VALUES (s.id, now(), now(), 'Added', '', 'none', 1, 1, false, %s, %s)
                 """,
                 [kept.id, removed.id, added.id, project.id, project.workspace_id],
             )
 
-        written = {(e.entity_id, e.event_type) for e in events()}
-        assert written == {
-            (kept.id, "issue.updated"),
-            (removed.id, "issue.deleted"),
-            (added.id, "issue.created"),
-        }
+        written = sorted((str(e.entity_id), e.event_type) for e in events())
+        assert written == sorted(
+            [
+                (str(kept.id), "issue.updated"),
+                (str(removed.id), "issue.deleted"),
+                (str(added.id), "issue.created"),
+            ]
+        )
 
     def test_copy_writes_created_for_every_row(self, project):
         ids = [uuid.uuid4() for _ in range(3)]
-        columns = (
-            "id, created_at, updated_at, name, description_html, priority, sequence_id, "
-            "sort_order, is_draft, project_id, workspace_id"
-        )
+        now, parents = timezone.now(), (project.id, project.workspace_id)
+        rows = [
+            (issue_id, now, now, f"Copied {n}", "", "none", n, 1.0, False, *parents)
+            for n, issue_id in enumerate(ids)
+        ]
         with (
             connection.cursor() as cursor,
-            cursor.copy(f"COPY plane_issue ({columns}) FROM STDIN") as copy,
+            cursor.copy(f"COPY plane_issue ({ISSUE_COLUMNS}) FROM STDIN") as copy,
         ):
-            for n, issue_id in enumerate(ids):
-                copy.write_row(
-                    (
-                        issue_id,
-                        timezone.now(),
-                        timezone.now(),
-                        f"Copied {n}",
-                        "",
-                        "none",
-                        n,
-                        1.0,
-                        False,
-                        project.id,
-                        project.workspace_id,
-                    )
-                )
+            for row in rows:
+                copy.write_row(row)
 
-        assert sorted(e.entity_id for e in events()) == sorted(ids)
-        assert {e.event_type for e in events()} == {"issue.created"}
+        written = events()
+        assert sorted(e.entity_id for e in written) == sorted(ids)
+        assert {e.event_type for e in written} == {"issue.created"}
 
 
 class TestJsonTypes:
