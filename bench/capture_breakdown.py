@@ -185,7 +185,8 @@ def pgbench_path() -> str:
 
 
 def run_pgbench(conninfo: str, order: list[int], transactions: int, flush: bool) -> dict:
-    """Mean latency (us) of each copy's UPDATE, one pgbench run updating every copy in turn."""
+    """Mean latency (us) of each copy's UPDATE, one pgbench run updating every copy in turn; no
+    WAL figure (None): the copies' writes interleave in one run."""
     script = f"\\set k random(1, {ROWS})\n\\set r random(1, 1000000000)\n" + "".join(
         f"UPDATE breakdown_issue_{index} SET priority = :r::text, updated_at = now() "
         "WHERE sequence_id = :k;\n"
@@ -210,7 +211,7 @@ def run_pgbench(conninfo: str, order: list[int], transactions: int, flush: bool)
     }
     if result.returncode != 0 or set(latencies) != set(order):
         raise RuntimeError(f"pgbench failed:\n{result.stdout}\n{result.stderr}")
-    return latencies
+    return {index: (latency, None) for index, latency in latencies.items()}
 
 
 def run_in_server(conninfo: str, order: list[int], transactions: int, flush: bool) -> dict:
@@ -245,9 +246,9 @@ def run_in_server(conninfo: str, order: list[int], transactions: int, flush: boo
 
 
 def report(chosen: list[Variant], rounds: list[dict]) -> None:
-    means = [statistics.mean(_time(r[index]) for r in rounds) for index in range(len(chosen))]
+    means = [statistics.mean(r[index][0] for r in rounds) for index in range(len(chosen))]
     base = means[0]
-    with_wal = isinstance(rounds[0][0], tuple)
+    with_wal = rounds[0][0][1] is not None
     width = max(len(v.label) for v in chosen)
     header = f"{'variant':<{width}} {'a write':>10} {'added':>10} {'ratio':>7}"
     header += f" {'WAL a write':>12} {'rounds (us)':>12}" if with_wal else ""
@@ -258,13 +259,9 @@ def report(chosen: list[Variant], rounds: list[dict]) -> None:
         line = f"{variant.label:<{width}} {mean:>7.1f} us {added:>+7.1f} us {base / mean:>6.1%}"
         if with_wal:
             wal = statistics.mean(r[index][1] for r in rounds)
-            spread = " ".join(f"{_time(r[index]):.1f}" for r in rounds)
+            spread = " ".join(f"{r[index][0]:.1f}" for r in rounds)
             line += f" {wal:>9.0f} B   {spread}"
         print(line)
-
-
-def _time(result: float | tuple[float, float]) -> float:
-    return result[0] if isinstance(result, tuple) else result
 
 
 def main(argv: list[str] | None = None) -> int:

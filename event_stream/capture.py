@@ -184,9 +184,9 @@ def _whole_rows_sql(pk_sql: str, source: str, where: str | None = None) -> str:
         FROM {source} AS r{tail}"""
 
 
-def _not_yet_announced(soft_delete_sql: str | None) -> str:
+def _not_yet_announced(soft_delete_sql: str | None, row: str = "r") -> str:
     """A row already soft-deleted announced its `.deleted` then; removing it says nothing new."""
-    return f"WHERE r.{soft_delete_sql} IS NULL" if soft_delete_sql else ""
+    return f"WHERE {row}.{soft_delete_sql} IS NULL" if soft_delete_sql else ""
 
 
 def created_func(entity_type: str, pk_column: str) -> str:
@@ -225,14 +225,12 @@ def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str |
     `.created`, each with its whole row.
     """
     pk = _ident(pk_column)
-    already_announced = (
-        f"WHERE OLD.{_ident(soft_delete_column)} IS NULL" if soft_delete_column else ""
-    )
+    soft_delete = _ident(soft_delete_column) if soft_delete_column else None
     return f"""
         {_OUTBOX_INSERT}
         SELECT {_sql_text(f"{entity_type}.deleted")}, {_sql_text(entity_type)}, OLD.{pk},
                {_whole_row_payload("OLD")}
-        {already_announced};
+        {_not_yet_announced(soft_delete, "OLD")};
         {_OUTBOX_INSERT}
         VALUES ({_sql_text(f"{entity_type}.created")}, {_sql_text(entity_type)}, NEW.{pk},
                 {_whole_row_payload("NEW")});
