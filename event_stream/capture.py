@@ -213,7 +213,39 @@ def truncated_func(
     rows = _whole_rows_sql(
         _ident(pk_column), f"ONLY {_ident(table)}", _not_yet_announced(soft_delete)
     )
-    return _insert_events_sql(entity_type, _sql_text(f"{entity_type}.deleted"), rows)
+    events = _insert_events_sql(entity_type, _sql_text(f"{entity_type}.deleted"), rows)
+    return _refuse_a_stale_snapshot(table) + events
+
+
+def _refuse_a_stale_snapshot(table: str) -> str:
+    """Fail a TRUNCATE whose rows the transaction's snapshot may not all show.
+
+    Under READ COMMITTED the trigger's query takes a new snapshot, after TRUNCATE locked the
+    table: it sees every row there is. Under REPEATABLE READ and SERIALIZABLE it reads with the
+    transaction's snapshot, while TRUNCATE removes every row, also those committed after that
+    snapshot: their `.deleted` would be missing or stale. Such a row's writer has committed by
+    now (it held a lock that TRUNCATE waited for), so it is among the transactions that
+    committed after the snapshot: if there is any, the TRUNCATE fails as a serialization failure
+    (SQLSTATE 40001), which such a transaction is expected to retry. Any other transaction's
+    commit fails it too: the snapshot cannot tell which tables a commit touched. Transaction ids
+    from ours on are not looked at: ours is assigned here at the latest, after TRUNCATE locked
+    the table, so a transaction given a later one cannot have written it.
+    """
+    message = (
+        f"could not capture TRUNCATE of {table}: transactions committed after this "
+        "transaction's snapshot, and the rows they wrote would be removed unseen"
+    )
+    return f"""
+        IF current_setting('transaction_isolation') <> 'read committed' AND EXISTS (
+            SELECT FROM pg_current_snapshot() AS s(snapshot),
+                 generate_series(pg_snapshot_xmin(s.snapshot)::text::bigint,
+                                 pg_current_xact_id()::text::bigint - 1) AS x(id)
+            WHERE NOT pg_visible_in_snapshot(x.id::text::xid8, s.snapshot)
+              AND pg_xact_status(x.id::text::xid8) = 'committed'
+        ) THEN
+            RAISE EXCEPTION USING ERRCODE = 'serialization_failure', MESSAGE = {_sql_text(message)},
+                HINT = 'Retry the transaction, or TRUNCATE under READ COMMITTED.';
+        END IF;"""
 
 
 def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str | None) -> str:
@@ -238,10 +270,32 @@ def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str |
     """
 
 
-# Column types without an equality operator: compared as jsonb instead.
+# Column types without an equality operator (arrays of them too): compared as jsonb instead.
+# A domain or composite type over one of them is not recognised by its name: such a column
+# makes the update trigger fail (never silently), and belongs in the entity's `ignore`.
 NO_EQUALITY_TYPES = frozenset(
-    {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
+    {
+        "json",
+        "jsonpath",
+        "xml",
+        "point",
+        "line",
+        "lseg",
+        "box",
+        "path",
+        "polygon",
+        "circle",
+        "txid_snapshot",
+        "pg_snapshot",
+    }
 )
+
+
+def _has_no_equality(db_type: str | None) -> bool:
+    """Whether a column of this database type (as Django renders it) can't be compared by `=`:
+    `json`, `json[]`, `json[][]` alike; a length or precision in brackets is left out."""
+    base = (db_type or "").split("(")[0].replace("[]", "").strip().lower()
+    return base in NO_EQUALITY_TYPES
 
 
 def _ident(name: str) -> str:
@@ -272,7 +326,7 @@ def updated_func(
 
     def old_new(column: str, db_type: str | None) -> tuple[str, str]:
         old, new = f"o.{_ident(column)}", f"n.{_ident(column)}"
-        if (db_type or "").split("(")[0].strip().lower() in NO_EQUALITY_TYPES:
+        if _has_no_equality(db_type):
             return f"to_jsonb({old})", f"to_jsonb({new})"
         return old, new
 

@@ -11,7 +11,7 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from event_stream.capture import NOTIFY_CHANNEL, WAKEUP_LOCK
+from event_stream.capture import NOTIFY_CHANNEL, WAKEUP_LOCK, updated_func
 from event_stream.models import Outbox
 from plane.models import Cycle, CycleIssue, Issue, IssueAssignee, IssueLabel, Label
 from tests.integration.factories import issue_for, make_project, make_state
@@ -307,6 +307,51 @@ class TestTruncate:
         assert events() == [] and not Issue.objects.exists()
 
 
+def truncate_under_repeatable_read(conn: psycopg.Connection, retries: int = 5) -> None:
+    """TRUNCATE the issues in a REPEATABLE READ transaction, retried on serialization
+    failures as such transactions are (another transaction may commit in between)."""
+    for _ in range(retries):
+        try:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            conn.execute("TRUNCATE plane_issue CASCADE")
+            conn.commit()
+            return
+        except psycopg.errors.SerializationFailure:
+            conn.rollback()
+    pytest.fail(f"TRUNCATE failed {retries} times as a serialization failure")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_truncate_under_repeatable_read_sees_rows_committed_after_its_snapshot(conninfo, project):
+    """Under REPEATABLE READ the trigger reads the table with the transaction's snapshot, but
+    TRUNCATE removes every row: one committed after the snapshot would leave no `.deleted`
+    (and one changed after it a stale one). Such a TRUNCATE fails, to be retried."""
+    kept = issue_for(project, name="Before the snapshot")
+    kept.save()
+    with psycopg.connect(conninfo) as truncating:
+        truncating.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        truncating.execute("SELECT count(*) FROM plane_issue")  # takes the snapshot
+        added = issue_for(project, name="After the snapshot")
+        added.save()  # committed by Django's connection (autocommit)
+        kept.name = "Renamed after the snapshot"
+        kept.save()
+
+        with pytest.raises(psycopg.errors.SerializationFailure, match="TRUNCATE of plane_issue"):
+            truncating.execute("TRUNCATE plane_issue CASCADE")
+        truncating.rollback()
+        assert Issue.objects.count() == 2
+        assert not Outbox.objects.filter(event_type="issue.deleted").exists()
+
+        truncate_under_repeatable_read(truncating)
+
+    assert not Issue.objects.exists()
+    deleted = Outbox.objects.filter(event_type="issue.deleted")
+    assert {e.entity_id: e.payload["data"]["name"] for e in deleted} == {
+        kept.id: "Renamed after the snapshot",
+        added.id: "After the snapshot",
+    }
+
+
 class TestTransactions:
     def test_rolled_back_write_leaves_no_event(self, project):
         with pytest.raises(RuntimeError), transaction.atomic():
@@ -502,6 +547,37 @@ class TestJsonTypes:
         assert data["completed_at"].startswith("2026-03-02T10:30:00")
         assert data["id"] == str(issue.id)
         assert data["created_by_id"] is None
+
+    @pytest.mark.parametrize("db_type", ["json", "json[]", "jsonpath", "point", "xml"])
+    def test_a_column_without_equality_is_compared_as_jsonb(self, db_type):
+        """Types without `=` (and arrays of them) cannot be compared in their own type; an
+        UPDATE of such a table used to fail with "operator does not exist"."""
+        values = {
+            "json": ('{"a": 1}', '{"a": 2}', {"a": 1}),
+            "json[]": (['{"a": 1}'], ['{"a": 2}'], [{"a": 1}]),
+            "jsonpath": ("$.a", "$.b", '$."a"'),
+            "point": ("(1,2)", "(3,4)", "(1,2)"),
+            "xml": ("<a/>", "<b/>", "<a/>"),
+        }
+        before, after, previous = values[db_type]
+        body = updated_func("probe", "id", [("name", "text"), ("value", db_type)], None)
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE TABLE probe (id uuid PRIMARY KEY, name text, value {db_type})")
+            cursor.execute(
+                f"CREATE FUNCTION probe_update() RETURNS trigger LANGUAGE plpgsql"
+                f" AS $$ BEGIN {body} END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER probe_update AFTER UPDATE ON probe"
+                " REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
+                " FOR EACH STATEMENT EXECUTE FUNCTION probe_update()"
+            )
+            cursor.execute("INSERT INTO probe VALUES (%s, 'old', %s)", (uuid.uuid4(), before))
+            cursor.execute("UPDATE probe SET name = 'new'")  # the value compares equal
+            cursor.execute("UPDATE probe SET value = %s", (after,))
+
+        written = [e.payload["previous_attributes"] for e in events()]
+        assert written == [{"name": "old"}, {"value": previous}]
 
 
 class TestHandWrittenEvents:
