@@ -185,13 +185,13 @@ class DatabaseConnection:
         """(id, delay seconds, error): count the attempt, and hold the event until the delay."""
         if retries:
             ids, delays, errors = zip(*retries, strict=True)
-            await self._work.execute(RETRY_SQL, (list(ids), list(delays), list(errors)))
+            await self._work.execute(RETRY_SQL, (list(ids), list(delays), storable(errors)))
 
     async def mark_failed(self, failures: Sequence[tuple[int, str]]) -> None:
         """(id, error): dead-letter the events; they stay until replayed."""
         if failures:
             ids, errors = zip(*failures, strict=True)
-            await self._work.execute(FAIL_SQL, (list(ids), list(errors)))
+            await self._work.execute(FAIL_SQL, (list(ids), storable(errors)))
 
     async def finish_batch(
         self,
@@ -275,6 +275,20 @@ def id_array(ids: Sequence[int]) -> str:
     relay's time per event at batch 1000); joining their text is a hundred times cheaper.
     """
     return "{" + ",".join(map(str, ids)) + "}"
+
+
+def storable(errors: Sequence[str]) -> list[str]:
+    """Error texts as PostgreSQL `text` can hold them: NUL written `\\x00`, and unpaired
+    surrogates (from bytes decoded with `surrogateescape`) as their `\\udcXX` escapes.
+
+    Handlers' errors quote what they met (a payload's string, a server's answer), and one
+    character PostgreSQL refuses would fail the statement that records the whole batch: rolled
+    back, claimed again, failed again, for ever.
+    """
+    return [
+        error.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+        for error in errors
+    ]
 
 
 class WakeupPromise(enum.Enum):

@@ -10,13 +10,21 @@ the batch; an event is done only when its inline handlers succeeded and its task
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from event_stream.events import ClaimedEvent, EventData, decode_payload, has_long_digit_run
+from event_stream.events import (
+    ClaimedEvent,
+    EventData,
+    UndecodablePayload,
+    decode_payload,
+    has_long_digit_run,
+)
 from event_stream.handlers import Handler, HandlerRegistry
 
 logger = logging.getLogger("event_stream.dispatch")
@@ -95,7 +103,7 @@ class BatchRunner:
                     # Only payloads decoded here need the check (Celery-only events are not).
                     digits_checked=bool(inline) and long_numbers.absent_near(index),
                 )
-            except ValueError as exc:
+            except UndecodablePayload as exc:
                 failures.append((event_id, f"malformed event: {exc}"))
                 continue
             if not _is_object(event, row[5]):
@@ -121,7 +129,13 @@ class BatchRunner:
         for handler in handlers:
             try:
                 self._call(handler, event)
-            except Exception as exc:
+            except BaseException as exc:
+                # Not only Exception: SystemExit from a library, CancelledError from an
+                # asyncio.run inside a sync handler, let through, would kill the relay, and the
+                # restarted relay would die on the same event. Only a Ctrl-C goes on up, and
+                # only the main thread gets those: the relay's handler thread never does.
+                if isinstance(exc, KeyboardInterrupt) and _in_main_thread():
+                    raise
                 logger.warning(
                     "handler %s failed on event %s (%s): %s: %s",
                     handler.name, event["id"], event["event_type"], type(exc).__name__, exc,
@@ -130,12 +144,18 @@ class BatchRunner:
         return None
 
     def _call(self, handler: Handler, event: EventData) -> None:
-        if not handler.is_async:
-            handler.func(event)
-        elif self.loop is not None:
-            asyncio.run_coroutine_threadsafe(handler.func(event), self.loop).result()
-        else:
-            asyncio.run(handler.func(event))
+        """Call the handler, and await what it returns when that is awaitable: whether a
+        handler is async is known for sure only from its result (an `async def` wrapped in a
+        plain decorator, or an object with an async `__call__`, looks sync), and a coroutine
+        left unawaited would be an event marked done that no handler ran."""
+        result = handler.func(event)
+        if result is not None and inspect.isawaitable(result):
+            if self.loop is not None:
+                stopped_by = asyncio.run_coroutine_threadsafe(_await(result), self.loop).result()
+            else:
+                stopped_by = asyncio.run(_await(result))
+            if stopped_by is not None:
+                raise stopped_by  # here, in the handler's thread: this handler's failure
 
     def _schedule_retry_or_fail(
         self, outcome: BatchOutcome, event_id: int, attempt: int, error: str
@@ -179,6 +199,23 @@ class BatchRunner:
                 still_done.append(event_id)
         outcome.processed = still_done
         outcome.held.sort()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+async def _await(awaitable) -> BaseException | None:
+    """Any awaitable as a coroutine, which is what the event loop's entry points take.
+
+    Returns the SystemExit or KeyboardInterrupt it raised, if any: raised in a task, either
+    would stop the relay's event loop itself rather than fail the handler.
+    """
+    try:
+        await awaitable
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return exc
+    return None
 
 
 # Payloads checked for long numbers at once (see decode_payload): one check per payload costs

@@ -74,10 +74,23 @@ def decode_payload(text: str, *, digits_checked: bool = False):
     number or, harmlessly, in a string) goes to orjson; the rest, and anything orjson refuses,
     to the standard library, which keeps big integers exact. `digits_checked`: the caller found
     no such run in a text that includes this one (a whole batch is checked at once).
+
+    Raises UndecodablePayload, and nothing else, when the text cannot be decoded.
     """
     if digits_checked or not has_long_digit_run(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except Exception as exc:
+        # Valid JSON that Python cannot hold (nesting deeper than the recursion limit raises
+        # RecursionError, an integer over Python's digit limit ValueError, a huge text
+        # MemoryError), or not JSON at all: the same text fails again on every retry, and an
+        # error escaping here would abort the whole batch, again and again.
+        raise UndecodablePayload(f"{type(exc).__name__}: {exc}") from exc
+
+
+class UndecodablePayload(ValueError):
+    """A payload that cannot be decoded into Python objects, whatever the reason."""

@@ -1,6 +1,8 @@
 """The handler registry: which functions handle which events, and how they are dispatched.
 
-A handler is `fn(event_data: dict) -> None`, sync or async. It registers for event-type patterns
+A handler is `fn(event_data: dict) -> None`, sync or async: whatever awaitable it returns is
+awaited (an `async def`, also behind a plain decorator, or an object with an async `__call__`),
+so the result, not the function's look, says how to run it. It registers for event-type patterns
 (`"issue.*"`, `"cycle_issue.created"`, `"*"` for every event) and is dispatched either inline in
 the relay or as a Celery task. A Celery message names a handler by its registered name; the
 worker looks the name up here and never imports anything a message names.
@@ -9,7 +11,6 @@ worker looks the name up here and never imports anything a message names.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,12 +27,6 @@ class Handler:
     func: HandlerFunc = field(compare=False)
     patterns: tuple[str, ...] = ("*",)
     dispatch: Dispatch = "inline"
-
-    # Known once at registration: the relay asks for every event.
-    is_async: bool = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.func))
 
     def matches(self, event_type: str) -> bool:
         return any(fnmatch.fnmatchcase(event_type, p) for p in self.patterns)

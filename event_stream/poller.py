@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import heapq
 import logging
+import math
 import os
 import queue
 import signal
@@ -43,6 +45,8 @@ UNCOMMITTED_WRITERS_PAUSE = 0.01
 # How often a relay sleeping beside the wake-up lock's holder checks that it still holds it:
 # one statement of lock tries, no claim.
 HOLDER_CHECK_INTERVAL = 0.25
+# How finely the relay tells apart the due times of the retries it scheduled (RetryDueTimes).
+RETRY_DUE_RESOLUTION = 0.01
 
 
 class StopReason(enum.Enum):
@@ -107,9 +111,11 @@ class OutboxPoller:
         # connections there).
         self._after_batch = after_batch
         self._handler_thread: HandlerThread | None = None
-        # When the earliest retry this relay scheduled comes due (monotonic), or None: a sleep
-        # ends then, not at the end of a long polling interval.
-        self._retry_due: float | None = None
+        # When the retries this relay scheduled come due: a sleep ends at the next one, not at
+        # the end of a long polling interval.
+        self._retries_due = RetryDueTimes()
+        # When the last claim began (monotonic): retries due by then were claimable by it.
+        self._last_claim_at = 0.0
 
     # -- registration --------------------------------------------------------------------------
 
@@ -184,6 +190,8 @@ class OutboxPoller:
             if claimed is None:
                 promise = None  # the work connection, and the lock with it, may be gone
                 continue  # the batch failed and the error backoff was the pause: try again
+            if self.stopping:
+                break  # asked to stop during the batch: a restart would lose the stop
             if self.memory.over_limit():
                 logger.warning(
                     "memory %.0f MB is over the limit of %d MB: restarting in place",
@@ -230,22 +238,14 @@ class OutboxPoller:
         return None  # the polling interval is over: claim
 
     def _until_retry_due(self, interval: float) -> float:
-        """The polling interval, cut short by the earliest retry this relay scheduled: a retry
-        makes no NOTIFY when it comes due."""
-        if self._retry_due is not None:
-            left = self._retry_due - time.monotonic()
-            if left > 0:
-                return min(interval, left)
-            self._retry_due = None  # due before this empty claim: taken, or blocked behind others
-        return interval
-
-    def _note_retry_due(self, delay: float) -> None:
-        # Counted from after the batch's commit, so the database's own due time (counted from
-        # inside it) has passed when this one comes. A due time already past is replaced.
-        now = time.monotonic()
-        due = now + delay
-        if self._retry_due is None or self._retry_due <= now or due < self._retry_due:
-            self._retry_due = due
+        """The polling interval, cut short by the next retry this relay scheduled: a retry
+        makes no NOTIFY when it comes due. Retries due before the last claim began were
+        claimable by it (taken, or blocked behind others); one due since then, not yet claimed,
+        makes the pause 0."""
+        due = self._retries_due.next_after(self._last_claim_at)
+        if due is None:
+            return interval
+        return min(interval, max(due - time.monotonic(), 0.0))
 
     async def _promise_wakeups(self) -> WakeupPromise | None:
         """Make writers notify while this relay sleeps; None when that cannot be promised yet
@@ -293,6 +293,7 @@ class OutboxPoller:
         try:
             if not self.db.work_ok and not await self._connect_with_backoff(self.db.connect_work):
                 return None
+            self._last_claim_at = time.monotonic()
             rows = await self.db.fetch_and_lock_rows(self.settings.batch_size)
             if not rows:
                 await self.db.commit()
@@ -320,8 +321,11 @@ class OutboxPoller:
 
     async def _record(self, outcome: BatchOutcome) -> None:
         await self.db.finish_batch(outcome.processed, outcome.retries, outcome.failures)
-        if outcome.retries:
-            self._note_retry_due(min(delay for _id, delay, _error in outcome.retries))
+        # Counted from after the batch's commit, so the database's own due time (counted from
+        # inside it) has passed when the relay wakes.
+        committed_at = time.monotonic()
+        for _id, delay, _error in outcome.retries:
+            self._retries_due.add(committed_at + delay)
         if outcome.publish_error is None:
             self._error_backoff = 0.0
         self.processed_count += len(outcome.processed)
@@ -424,6 +428,37 @@ class OutboxPoller:
             logger.debug("could not remove heartbeat: %s", exc)
 
 
+class RetryDueTimes:
+    """When the retries a relay scheduled come due (monotonic seconds), each kept until a claim
+    began after it.
+
+    Every one of them, not only the earliest: a relay that sleeps until its first retry and
+    then finds the queue drained would sleep through the others. Times are rounded up to
+    RETRY_DUE_RESOLUTION and kept once each, so a relay that retries thousands of events a
+    second keeps at most one time per resolution step of its backoff window, and wakes at most
+    that much after a retry came due.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[int] = []  # a heap of due times, in resolution steps
+        self._known: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, due: float) -> None:
+        step = math.ceil(due / RETRY_DUE_RESOLUTION)
+        if step not in self._known:
+            self._known.add(step)
+            heapq.heappush(self._steps, step)
+
+    def next_after(self, moment: float) -> float | None:
+        """The earliest due time after `moment`, forgetting those at or before it."""
+        while self._steps and self._steps[0] * RETRY_DUE_RESOLUTION <= moment:
+            self._known.discard(heapq.heappop(self._steps))
+        return self._steps[0] * RETRY_DUE_RESOLUTION if self._steps else None
+
+
 def _utc(timestamp: float):
     import datetime
 
@@ -510,7 +545,12 @@ async def run_until_signalled(poller: OutboxPoller, *, install_signal_handlers: 
         for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
     try:
-        return await main
+        reason = await main
+        if reason is StopReason.RESTART and received:
+            # The signal came after the loop chose to restart (while it closed its
+            # connections): a restart in place would forget it, so the stop wins.
+            return StopReason.STOPPED
+        return reason
     except asyncio.CancelledError:
         if not (main.cancelled() and received):
             raise

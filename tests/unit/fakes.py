@@ -1,7 +1,8 @@
 """An in-memory stand-in for DatabaseConnection, for unit tests of the loop's logic.
 
 It keeps the same contract: claimed rows stay claimed until commit or rollback; a rollback (or a
-lost connection) releases them. The real SQL is proven on PostgreSQL in tests/integration.
+lost connection) releases them; a retry holds its row back until its delay has passed. The real
+SQL is proven on PostgreSQL in tests/integration.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import time
 import uuid
 
 from event_stream.database import WakeupPromise
@@ -45,6 +47,7 @@ class FakeDatabase:
             "payload": {"n": row_id} if payload is None else payload,
             "created_at": datetime.datetime.now(datetime.UTC),
             "attempts": 0,
+            "available_at": 0.0,  # monotonic; a retry puts it off by its delay
             "state": "pending",
             "error": None,
         }
@@ -82,9 +85,10 @@ class FakeDatabase:
                    if r["state"] == "pending"]  # fmt: skip
         taken = []
         seen_entities = set()
+        now = time.monotonic()
         for row in pending:
             blocked = row["entity_id"] in seen_entities and row["id"] not in self.claimed
-            if row["id"] in self.claimed or (self.ordered and blocked):
+            if row["id"] in self.claimed or row["available_at"] > now or (self.ordered and blocked):
                 seen_entities.add(row["entity_id"])
                 continue
             if row["entity_id"] is not None:
@@ -103,14 +107,14 @@ class FakeDatabase:
         ]  # fmt: skip
 
     async def mark_processed(self, ids):
-        self._pending_changes += [(i, "processed", None) for i in ids]
+        self._pending_changes += [(i, "processed", None, 0) for i in ids]
         return True
 
     async def schedule_retries(self, retries):
-        self._pending_changes += [(i, "retry", error) for i, _delay, error in retries]
+        self._pending_changes += [(i, "retry", error, delay) for i, delay, error in retries]
 
     async def mark_failed(self, failures):
-        self._pending_changes += [(i, "failed", error) for i, error in failures]
+        self._pending_changes += [(i, "failed", error, 0) for i, error in failures]
 
     async def finish_batch(self, processed, retries, failures):
         await self.mark_processed(processed)
@@ -119,10 +123,11 @@ class FakeDatabase:
         await self.commit()
 
     async def commit(self):
-        for row_id, state, error in self._pending_changes:
+        for row_id, state, error, delay in self._pending_changes:
             row = self.rows[row_id]
             if state == "retry":
                 row["attempts"] += 1
+                row["available_at"] = time.monotonic() + delay
             else:
                 row["state"] = state
                 row["attempts"] += state == "failed"

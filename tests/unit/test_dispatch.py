@@ -1,4 +1,6 @@
+import asyncio
 import datetime
+import functools
 import json
 import uuid
 
@@ -223,3 +225,123 @@ def test_payload_decoding_agrees_with_the_standard_library_on_values_and_types(t
         return (type(value).__name__, value)
 
     assert typed(decode_payload(text)) == typed(json.loads(text))
+
+
+def with_payload(claimed_row: tuple, text: str) -> tuple:
+    return (*claimed_row[:5], text, *claimed_row[6:])
+
+
+DEEPER_THAN_ORJSON_AND_PYTHON = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+OVER_PYTHONS_DIGIT_LIMIT = '{"n": ' + "1" * 5000 + "}"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (DEEPER_THAN_ORJSON_AND_PYTHON, "malformed event: RecursionError: "),
+        (OVER_PYTHONS_DIGIT_LIMIT, "malformed event: ValueError: Exceeds the limit"),
+        ('{"a": ', "malformed event: JSONDecodeError: "),
+    ],
+)
+def test_a_payload_python_cannot_decode_is_dead_lettered_and_the_others_flow(text, error):
+    seen = []
+    registry = HandlerRegistry()
+    registry.add(seen.append, name="all")
+
+    outcome = runner(registry).run([row(1), with_payload(row(2, Y), text), row(3)])
+
+    assert [event_id for event_id, _error in outcome.failures] == [2]
+    assert outcome.failures[0][1].startswith(error)
+    assert outcome.processed == [1, 3]
+    assert [e["id"] for e in seen] == [1, 3]
+
+
+@pytest.mark.parametrize("text", [DEEPER_THAN_ORJSON_AND_PYTHON, OVER_PYTHONS_DIGIT_LIMIT, "{"])
+def test_payload_decoding_fails_with_one_error_whatever_the_cause(text):
+    from event_stream.events import UndecodablePayload, decode_payload
+
+    with pytest.raises(UndecodablePayload):
+        decode_payload(text)
+
+
+def test_nesting_orjson_refuses_but_python_takes_is_decoded():
+    from event_stream.events import decode_payload
+
+    text = '{"a": ' + "[" * 1100 + "]" * 1100 + "}"
+
+    assert decode_payload(text) == json.loads(text)
+
+
+def traced(func):
+    """A plain decorator, as handlers often get one: sync, so the handler no longer looks async."""
+
+    @functools.wraps(func)
+    def wrapper(event):
+        return func(event)
+
+    return wrapper
+
+
+def test_an_async_handler_behind_a_plain_decorator_is_awaited_and_can_fail():
+    seen = []
+
+    @traced
+    async def index_event(event):
+        seen.append(event["id"])
+        if event["id"] == 1:
+            raise RuntimeError("search backend down")
+
+    registry = HandlerRegistry()
+    registry.add(index_event, name="index")
+
+    outcome = runner(registry).run([row(1), row(2, Y)])
+
+    assert seen == [1, 2]
+    assert outcome.processed == [2]
+    assert [(i, e) for i, _d, e in outcome.retries] == [
+        (1, "index: RuntimeError: search backend down")
+    ]
+
+
+def test_an_object_with_an_async_call_is_awaited():
+    class Indexer:
+        def __init__(self):
+            self.seen = []
+
+        async def __call__(self, event):
+            self.seen.append(event["id"])
+
+    indexer = Indexer()
+    registry = HandlerRegistry()
+    registry.add(indexer, name="indexer")
+
+    assert runner(registry).run([row(1)]).processed == [1]
+    assert indexer.seen == [1]
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), asyncio.CancelledError()])
+def test_a_base_exception_from_a_handler_is_that_events_failure(error):
+    def handler(event):
+        if event["id"] == 1:
+            raise error
+
+    registry = HandlerRegistry()
+    registry.add(handler, name="exits")
+
+    outcome = runner(registry).run([row(1), row(2, Y)])
+
+    assert outcome.processed == [2]
+    assert [(i, e.split(":")[:2]) for i, _d, e in outcome.retries] == [
+        (1, ["exits", f" {type(error).__name__}"])
+    ]
+
+
+def test_ctrl_c_in_a_handler_run_in_the_main_thread_still_stops_the_caller():
+    def handler(event):
+        raise KeyboardInterrupt
+
+    registry = HandlerRegistry()
+    registry.add(handler, name="interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        runner(registry).run([row(1)])

@@ -1,6 +1,9 @@
 """The poller's loop against the in-memory FakeDatabase."""
 
 import asyncio
+import functools
+import os
+import signal
 import time
 import uuid
 
@@ -246,3 +249,141 @@ async def test_stopping_while_holding_the_wakeup_lock_hands_it_over():
 
     assert db.log[-1] == "wake relays"  # after the work connection (and the lock) closed
     assert not db.holds_wakeup_lock
+
+
+async def test_a_stop_during_the_batch_wins_over_a_memory_restart():
+    # The batch ends over the memory limit, but a SIGTERM came while it ran: exit, as asked.
+    db = FakeDatabase()
+    db.add()
+    poller = make_poller(db, memory_limit_mb=1, memory_check_interval=0.01)
+    poller.add_handler(lambda e: time.sleep(0.3))
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.1)  # the handler is running
+
+    poller.stop()  # what the first SIGTERM does
+    reason = await asyncio.wait_for(task, 5)
+
+    assert reason is StopReason.STOPPED
+    assert db.state(1) == "processed"  # the batch in flight was finished
+
+
+async def test_a_signal_while_the_relay_closes_for_a_restart_still_stops_it():
+    class RestartingPoller:
+        """Chose to restart, and is closing its connections when the SIGTERM comes."""
+
+        settings = RelaySettings()
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+        async def run(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.05)  # the signal's handler runs on the loop meanwhile
+            return StopReason.RESTART
+
+    poller = RestartingPoller()
+
+    reason = await poller_module.run_until_signalled(poller)
+
+    assert poller.stopped
+    assert reason is StopReason.STOPPED
+
+
+async def test_every_retry_it_scheduled_wakes_it_not_only_the_earliest():
+    # Two entities fail in one batch; their retries come due at different times. Once the
+    # first retry is handled the queue is empty, and the polling interval is long: only the
+    # second retry's own due time can wake the relay for it.
+    db = FakeDatabase()
+    soon = db.add(entity_id=uuid.uuid4())
+    later = db.add(entity_id=uuid.uuid4())
+    db.rows[later]["attempts"] = 2  # its third attempt: a longer backoff
+    poller = make_poller(
+        db, interval_min=30, interval_max=30, retry_base_delay=0.1, retry_max_delay=10
+    )
+    handled_at: dict[int, list[float]] = {soon: [], later: []}
+
+    def fails_once(event):
+        handled_at[event["id"]].append(time.monotonic())
+        if len(handled_at[event["id"]]) == 1:
+            raise RuntimeError("first try fails")
+
+    poller.add_handler(fails_once)
+
+    await run_until(poller, lambda: db.state(later) == "processed", timeout=3)
+
+    # Backoff with jitter: the first retry 0.05-0.1 s after its failure, the second 0.2-0.4 s.
+    first_try, retried = handled_at[later]
+    assert retried - first_try < 0.4 + 1.0  # not the 30 s polling interval
+    assert handled_at[soon][1] < retried
+    assert len(poller._retries_due) == 0  # forgotten once claimed
+
+
+def test_retry_due_times_are_kept_once_each_and_forgotten_once_past():
+    due = poller_module.RetryDueTimes()
+    for moment in (5.004, 3.004, 3.006, 9.004, 3.004):
+        due.add(moment)
+
+    assert len(due) == 3  # 3.004 and 3.006 share a resolution step
+    assert due.next_after(0.0) == pytest.approx(3.01)  # rounded up: never woken too early
+    assert due.next_after(4.0) == pytest.approx(5.01)
+    assert len(due) == 2
+    assert due.next_after(9.5) is None
+    assert len(due) == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    # No KeyboardInterrupt is a Ctrl-C in the handler thread: signals go to the main thread.
+    [SystemExit(3), asyncio.CancelledError(), KeyboardInterrupt()],
+)
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_handler_raising_a_base_exception_fails_its_event_not_the_relay(error, is_async):
+    db = FakeDatabase()
+    bad = db.add(entity_id=uuid.uuid4())
+    good = db.add(entity_id=uuid.uuid4())
+    poller = make_poller(db, max_attempts=2, retry_base_delay=0, retry_max_delay=0)
+
+    def handler(event):
+        if event["id"] == bad:
+            raise error
+
+    async def async_handler(event):
+        handler(event)
+
+    poller.add_handler(async_handler if is_async else handler)
+
+    reason = await run_until(poller, lambda: db.state(bad) == "failed")
+
+    assert reason is StopReason.STOPPED
+    assert db.state(good) == "processed"
+    assert type(error).__name__ in db.rows[bad]["error"]
+
+
+async def test_an_async_handler_behind_a_plain_decorator_runs_on_the_loop():
+    db = FakeDatabase()
+    ids = [db.add(), db.add()]
+    poller = make_poller(db, max_attempts=1)
+    seen = []
+
+    def traced(func):
+        @functools.wraps(func)
+        def wrapper(event):
+            return func(event)
+
+        return wrapper
+
+    @traced
+    async def handler(event):
+        asyncio.get_running_loop()  # on the relay's loop
+        seen.append(event["id"])
+        if event["id"] == ids[1]:
+            raise RuntimeError("search backend down")
+
+    poller.add_handler(handler)
+
+    await run_until(poller, lambda: db.state(ids[1]) == "failed")
+
+    assert seen == ids
+    assert db.state(ids[0]) == "processed"
+    assert "search backend down" in db.rows[ids[1]]["error"]
