@@ -15,10 +15,12 @@ from django.db import connections
 from django.utils import timezone
 
 from event_stream.models import Outbox, RelayHeartbeat
+from event_stream.settings import RELAY_ALIVE_SECONDS
 
 WARNING_THRESHOLD = 1_000  # pending events above this: warning
 CRITICAL_THRESHOLD = 5_000  # pending events above this: critical
-RELAY_ALIVE_SECONDS = 30  # a relay whose heartbeat is older than this counts as gone
+# RELAY_ALIVE_SECONDS (30): a relay whose heartbeat is older counts as gone. It lives with the
+# heartbeat interval's bound (at most a third of it) in event_stream.settings.
 COUNT_CAP = 1_000_000  # counts stop here
 
 

@@ -3,12 +3,16 @@
 Two tables of options, one parser. The relay's (`RELAY_OPTIONS`, `load_settings`): a flag beats
 a variable beats the default, and every value is checked when the relay starts. The Celery
 side's (`CELERY_OPTIONS`, `load_celery_settings`): variables only, read by the worker when a task
-runs and by beat's cleanup. A bad value raises `ConfigError` with one line naming the flag or
-variable; the relay's command turns it into exit status 2, the system checks into an error.
+runs and by beat's cleanup, and checked when the worker and beat start (celery_app.py). Both
+check the variables they share, EVENT_STREAM_LOG_LEVEL and CELERY_BROKER_TRANSPORT_OPTIONS
+(`check_shared_variables`). A bad value raises `ConfigError` with one line naming the flag or
+variable; the relay's command, the worker and beat turn it into exit status 2, the system
+checks into an error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -61,6 +65,12 @@ def _bool(text: str) -> bool:
     raise ValueError("not a boolean")
 
 
+# Health and outbox_status count a relay as alive while its last heartbeat is younger than
+# RELAY_ALIVE_SECONDS. One fixed window for every relay, so the interval is bounded instead: the
+# window spans at least three heartbeats, and a relay is never shown gone for one late write.
+RELAY_ALIVE_SECONDS = 30
+HEARTBEAT_INTERVAL_MAX = RELAY_ALIVE_SECONDS / 3
+
 RELAY_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", "--batch-size", "OUTBOX_POLLER_BATCH_SIZE", _int,
            lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000",
@@ -94,8 +104,11 @@ RELAY_OPTIONS: tuple[Option, ...] = (
            lambda v: 0 < v <= 3600, "a number of seconds above 0",
            "Longest wait for the batch in flight on SIGTERM/SIGINT (default: 30)"),
     Option("heartbeat_interval", "--heartbeat-interval", "OUTBOX_POLLER_HEARTBEAT_INTERVAL",
-           _float, lambda v: 0 < v <= 300, "a number of seconds above 0",
-           "How often the relay records that it is alive (default: 5)"),
+           _float, lambda v: 0 < v <= HEARTBEAT_INTERVAL_MAX,
+           f"a number of seconds above 0, at most {HEARTBEAT_INTERVAL_MAX:g} (health and "
+           f"outbox_status count a relay as gone after {RELAY_ALIVE_SECONDS} s without one)",
+           f"How often the relay records that it is alive, at most every "
+           f"{HEARTBEAT_INTERVAL_MAX:g} s (default: 5)"),
     Option("synchronous_commit", "--synchronous-commit", "OUTBOX_POLLER_SYNCHRONOUS_COMMIT",
            _bool, lambda v: True, "true or false",
            "Wait for the disk when recording each batch; off, a database crash may hand the "
@@ -182,12 +195,15 @@ def load_settings(
     flags: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None
 ) -> RelaySettings:
     """The relay's settings from flags (by field name, raw text or None when not given), then
-    the environment (by default os.environ, read now).
+    the environment (by default os.environ, read now). The variables the relay shares with
+    the Celery side (`check_shared_variables`) are checked too.
 
     Raises ConfigError naming the flag or variable whose value is bad.
     """
     environ = os.environ if environ is None else environ
-    return RelaySettings(**_given_values(RELAY_OPTIONS, flags or {}, environ))
+    settings = RelaySettings(**_given_values(RELAY_OPTIONS, flags or {}, environ))
+    check_shared_variables(environ)
+    return settings
 
 
 def load_celery_settings(environ: Mapping[str, str] | None = None) -> CelerySettings:
@@ -227,3 +243,56 @@ def _parse(option: Option, source: str, raw: Any) -> Any:
     if not option.check(value):
         raise ConfigError(f"{source}: must be {option.rule}, got {raw!r}")
     return value
+
+
+# -- variables shared by the relay, the worker and beat ---------------------------------------
+
+LOG_LEVEL_ENV = "EVENT_STREAM_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = "INFO"
+TRANSPORT_OPTIONS_ENV = "CELERY_BROKER_TRANSPORT_OPTIONS"
+
+
+def load_log_level(environ: Mapping[str, str] | None = None) -> str:
+    """EVENT_STREAM_LOG_LEVEL, in capitals ("debug" is DEBUG); INFO when unset or blank."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(LOG_LEVEL_ENV, "")
+    level = raw.strip().upper() or DEFAULT_LOG_LEVEL
+    if level not in LOG_LEVELS:
+        rule = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"{LOG_LEVEL_ENV}: must be one of {rule} (any case), got {raw!r}")
+    return level
+
+
+def lenient_log_level(environ: Mapping[str, str] | None = None) -> str:
+    """The level for Django's LOGGING: a bad value falls back to INFO there, because Django
+    would die on it with a traceback before any command could name it; the relay, the worker,
+    beat and `manage.py check` report it in one line instead (`check_shared_variables`)."""
+    try:
+        return load_log_level(environ)
+    except ConfigError:
+        return DEFAULT_LOG_LEVEL
+
+
+def load_transport_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """CELERY_BROKER_TRANSPORT_OPTIONS, a JSON object merged into the broker's transport
+    options (e.g. '{"visibility_timeout": 600}'); {} when unset or blank."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(TRANSPORT_OPTIONS_ENV, "")
+    if not raw.strip():
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{TRANSPORT_OPTIONS_ENV}: must be a JSON object, got {raw!r}")
+    return options
+
+
+def check_shared_variables(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError naming EVENT_STREAM_LOG_LEVEL or CELERY_BROKER_TRANSPORT_OPTIONS when
+    its value is bad. Django and Celery read both where an error is only logged or becomes a
+    traceback; whatever starts a relay, a worker or beat calls this first."""
+    load_log_level(environ)
+    load_transport_options(environ)

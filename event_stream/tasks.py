@@ -8,6 +8,10 @@ exponential backoff and jitter; when the retries run out, the outbox row is dead
 (`failed_at`, `last_error`) so that health, `outbox_status` and the admin show it and
 `outbox_replay` can put it back.
 
+Nothing is dropped on the way: a task whose worker keeps dying is dead-lettered after as many
+runs (see `_out_of_runs`); a retry the broker does not take dead-letters the row; a dead letter
+the database does not take keeps the message (`_keep_for_later`).
+
 The OUTBOX_CELERY_* variables and OUTBOX_RETENTION_DAYS, their defaults and their rules, are
 `event_stream.settings.CELERY_OPTIONS`. They are read each time a task runs, never at import.
 """
@@ -19,13 +23,16 @@ import datetime
 import inspect
 import logging
 import random
+from typing import NoReturn
 
 from celery import shared_task
-from django.db import connection, transaction
+from celery.exceptions import Reject
+from django.db import DatabaseError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from event_stream.celery_dispatch import TASK_NAME
+from event_stream.database import storable
 from event_stream.dispatch import RetryPolicy
 from event_stream.handlers import registry
 from event_stream.settings import CelerySettings, load_celery_settings
@@ -65,34 +72,142 @@ def run_handler(self, handler_name, event_data):
         )
         return
 
+    settings = load_celery_settings()
+    if _redelivered(self.request) and _out_of_runs(self, handler, event_data, settings):
+        return
     try:
         _call(handler.func, event_data)
     except Exception as exc:
-        error = f"{handler.name}: {type(exc).__name__}: {exc}"
-        settings = load_celery_settings()
-        retries = self.request.retries or 0
-        if retries >= settings.max_retries:
-            logger.error(
-                "handler %s failed on event %s (%s) after %d attempt(s); dead-lettered: %s",
-                handler.name,
-                event_data["id"],
-                event_data.get("event_type"),
-                retries + 1,
-                error,
-            )
-            record_failure(event_data["id"], error)
-            raise
-        delay = retry_delay(settings, retries)
-        logger.warning(
-            "handler %s failed on event %s (%s), attempt %d; retrying in %.1fs: %s",
+        _retry_or_dead_letter(self, handler, event_data, exc, settings)
+
+
+# A message that comes back without a retry (`redelivered`: its worker died or lost the broker
+# before acking it) does not raise `request.retries`: Celery alone would run it forever. Such
+# runs are counted in the row's `attempts`, in one UPDATE per redelivery, before the handler
+# runs again. Only redeliveries pay for it: a first delivery and a retry (a new message) write
+# nothing. Kombu flags a redelivery on Redis (restored after the visibility timeout or requeued
+# by reject_on_worker_lost) and RabbitMQ alike. The count is per row, shared by the row's
+# handlers, and also counts a message restored before it ever started (a worker stopping with
+# it prefetched): it errs towards dead-lettering early, which replay undoes, never towards
+# running without end.
+
+
+def _redelivered(request) -> bool:
+    return bool((request.delivery_info or {}).get("redelivered"))
+
+
+def _out_of_runs(task, handler, event_data: dict, settings: CelerySettings) -> bool:
+    """Count this redelivery; when the task has had all its runs, dead-letter it and say so."""
+    try:
+        lost = count_redelivery(event_data["id"], event_data.get("attempts"))
+    except DatabaseError as exc:
+        logger.error(
+            "could not count the redelivery of task %s; keeping it for later: %s",
+            task.request.id,
+            exc,
+        )
+        _keep_for_later(task, exc, settings)
+    if lost is None:
+        return False  # the row is gone (cleaned up): nothing to count on or to dead-letter
+    runs = (task.request.retries or 0) + lost + 1
+    if runs <= settings.max_retries + 1:
+        return False
+    error = (
+        f"{handler.name}: WorkerLost: delivered again {lost} time(s) without finishing "
+        f"(its worker died or lost the broker); not run again"
+    )
+    logger.error("task %s: %s; dead-lettered event %s", task.request.id, error, event_data["id"])
+    _dead_letter(task, event_data["id"], error, settings)
+    return True
+
+
+def count_redelivery(outbox_id: int, attempts_when_published) -> int | None:
+    """Add one to the row's `attempts`; return the runs lost since the relay published the
+    event (`attempts` then is in its event_data), or None if the row is gone."""
+    from event_stream.models import Outbox
+
+    table = connection.ops.quote_name(Outbox._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            # LEAST: a smallint column; past its top the count has long done its job.
+            f"UPDATE {table} SET attempts = LEAST(attempts + 1, 32767) WHERE id = %s "
+            f"RETURNING attempts",
+            [outbox_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    published = attempts_when_published if isinstance(attempts_when_published, int) else 0
+    return max(row[0] - published, 1)
+
+
+def _retry_or_dead_letter(task, handler, event_data: dict, exc: Exception, settings) -> None:
+    """After the handler raised `exc`: publish a retry, or dead-letter the row. Never drops the
+    event: what cannot be recorded keeps the message (`_keep_for_later`)."""
+    error = f"{handler.name}: {type(exc).__name__}: {exc}"
+    retries = task.request.retries or 0
+    if retries >= settings.max_retries:
+        logger.error(
+            "handler %s failed on event %s (%s) after %d attempt(s); dead-lettered: %s",
             handler.name,
             event_data["id"],
             event_data.get("event_type"),
             retries + 1,
-            delay,
             error,
         )
-        raise self.retry(exc=exc, countdown=delay, max_retries=settings.max_retries) from exc
+        _dead_letter(task, event_data["id"], error, settings)
+        raise exc
+    delay = retry_delay(settings, retries)
+    logger.warning(
+        "handler %s failed on event %s (%s), attempt %d; retrying in %.1fs: %s",
+        handler.name,
+        event_data["id"],
+        event_data.get("event_type"),
+        retries + 1,
+        delay,
+        error,
+    )
+    try:
+        raise task.retry(exc=exc, countdown=delay) from exc
+    except Reject as unpublished:
+        # Celery's word for "the broker did not take the retry": it would ack this message and
+        # the event would be gone. Dead-letter it instead: the failure is then on record, in
+        # PostgreSQL, and replay sends it again once the broker is back. (Requeueing would hand
+        # the message back to the broker that just failed us, at once and without a backoff.)
+        error = f"{error} (its retry could not be published: {unpublished.reason!r})"
+        logger.error(
+            "task %s: %s; dead-lettered event %s", task.request.id, error, event_data["id"]
+        )
+        _dead_letter(task, event_data["id"], error, settings)
+        raise exc from None
+
+
+def _dead_letter(task, outbox_id: int, error: str, settings: CelerySettings) -> None:
+    """record_failure, or keep the message when the database cannot take it."""
+    try:
+        record_failure(outbox_id, error)
+    except DatabaseError as exc:
+        logger.error(
+            "could not dead-letter event %s (task %s); keeping the task to record it later: %s",
+            outbox_id,
+            task.request.id,
+            exc,
+        )
+        _keep_for_later(task, exc, settings)
+
+
+def _keep_for_later(task, exc: Exception, settings: CelerySettings) -> NoReturn:
+    """Send the task again after a backoff, so that the message outlives this failure.
+
+    The next run tries the handler again (at least once allows it) and, failing, the record.
+    When even that cannot be published, reject the message back to its queue: the broker keeps
+    it (or, unreachable, redelivers the unacked message itself).
+    """
+    delay = retry_delay(settings, task.request.retries or 0)
+    try:
+        raise task.retry(exc=exc, countdown=delay) from exc
+    except Reject as unpublished:
+        raise Reject(unpublished.reason, requeue=True) from exc
 
 
 def retry_delay(settings: CelerySettings, retries: int, rand=random.random) -> float:
@@ -120,9 +235,10 @@ def record_failure(outbox_id: int, error: str) -> bool:
     """Dead-letter one outbox row after its Celery handler gave up; False if the row is gone."""
     from event_stream.models import Outbox
 
-    updated = Outbox.objects.filter(id=outbox_id).update(
-        failed_at=Now(), last_error=error[:MAX_ERROR_LENGTH]
-    )
+    # Stored as the relay stores its errors: a NUL that PostgreSQL refuses would fail the
+    # record on every run, and the task would be kept for later (`_dead_letter`) for ever.
+    (storable_error,) = storable([error[:MAX_ERROR_LENGTH]])
+    updated = Outbox.objects.filter(id=outbox_id).update(failed_at=Now(), last_error=storable_error)
     if not updated:
         logger.warning("outbox row %s is gone; its failure was not recorded", outbox_id)
     return bool(updated)

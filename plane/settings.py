@@ -8,6 +8,7 @@ event_stream when it runs, not here.
 import os
 from pathlib import Path
 
+from event_stream.settings import lenient_log_level
 from plane.database import database_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -80,7 +81,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "event_stream": {"level": os.environ.get("EVENT_STREAM_LOG_LEVEL", "INFO")},
+        # "debug" works as well as "DEBUG"; a bad value is INFO here, and the relay, the worker,
+        # beat and `manage.py check` refuse it in one line (Django would die on it in a traceback).
+        "event_stream": {"level": lenient_log_level(os.environ)},
         "plane": {"level": "INFO"},
     },
     "root": {"handlers": ["console"], "level": "WARNING"},

@@ -201,6 +201,9 @@ class TcpProxy:
         self._server: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        # True: new connections are closed at once, open ones keep working (a broker or
+        # database that takes no new clients, while a worker's consumer stays connected).
+        self.refuse_new = False
 
     def start(self) -> TcpProxy:
         server = socket.socket()
@@ -229,6 +232,9 @@ class TcpProxy:
                 client, _ = server.accept()
             except OSError:
                 return
+            if self.refuse_new:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -69,11 +70,30 @@ def always_fails(event_data):
     raise RuntimeError("boom")
 
 
+def fails_when_told(event_data):
+    """Run n: leave a trace; while the test's file `hold.<event_id>.<n>` exists, wait (the test
+    breaks the broker or the database meanwhile); then fail."""
+    n = _record("test.fails_when_told", event_data)
+    hold = _record_dir() / f"hold.{event_data['event_id']}.{n}"
+    deadline = time.monotonic() + 60
+    while hold.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    raise RuntimeError("told to fail")
+
+
+def kills_its_worker(event_data):
+    """Every run: leave a trace, then die as an OOM kill would (SIGKILL, no chance to ack)."""
+    _record("test.kills_its_worker", event_data)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 for _name, _func in [
     ("test.record", record),
     ("test.record_async", record_async),
     ("test.slow_first_time", slow_first_time),
     ("test.fails_once", fails_once),
     ("test.always_fails", always_fails),
+    ("test.kills_its_worker", kills_its_worker),
+    ("test.fails_when_told", fails_when_told),
 ]:
     registry.add(_func, PATTERNS, name=_name, dispatch="celery")

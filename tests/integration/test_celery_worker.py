@@ -10,16 +10,21 @@ import json
 import os
 import signal
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from kombu import Connection
 
 from event_stream.celery_dispatch import TASK_NAME, CeleryPublisher, task_id_for
 from event_stream.models import Outbox
 from event_stream.replay import replay_failed
 from tests.integration.celery_support import (
+    RABBITMQ_URL,
+    TcpProxy,
     Worker,
     forget_queue,
     make_app,
+    port_open,
     running_worker,
     unique_queue,
     wait_until,
@@ -194,3 +199,148 @@ def test_a_task_whose_worker_is_killed_mid_task_runs_again(
         if second is not None:
             second.stop()
         forget_queue(queue, broker_url)
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_task_that_keeps_killing_its_worker_is_dead_lettered(
+    broker, broker_url, test_database_url, tmp_path
+):
+    """Its message comes back each time without a retry counted (reject_on_worker_lost): the
+    runs are counted in the row, and after OUTBOX_CELERY_MAX_RETRIES=2 it is not run again."""
+    if broker == "rabbitmq":
+        if not port_open("127.0.0.1", 5672):
+            pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+        broker_url = RABBITMQ_URL
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    row, event = outbox_event()
+    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    worker = Worker(
+        broker_url=broker_url,
+        database_url=test_database_url,
+        queue=unique_queue(),
+        log_path=tmp_path / "worker.log",
+        record_dir=record_dir,
+        pool="prefork",
+    )
+    try:
+        worker.start()
+        with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
+            publisher.publish([("test.kills_its_worker", event)])
+
+        def dead_lettered():
+            row.refresh_from_db()
+            return row.failed_at is not None
+
+        assert wait_until(dead_lettered, timeout=40), worker.log()[-3000:]
+        assert len(runs(record_dir, "test.kills_its_worker", event["event_id"])) == 3
+        assert row.last_error.startswith("test.kills_its_worker: WorkerLost: delivered again 3")
+        # And it stays so: the message was acked, nothing runs it again
+        task_id = task_id_for(event["event_id"], "test.kills_its_worker")
+        assert wait_until(lambda: f"[{task_id}] succeeded" in worker.log(), timeout=15)
+        assert len(runs(record_dir, "test.kills_its_worker", event["event_id"])) == 3
+    finally:
+        worker.stop()
+        if broker == "rabbitmq":
+            with Connection(RABBITMQ_URL) as conn:
+                conn.default_channel.queue_delete(worker.queue)
+        else:
+            forget_queue(worker.queue, broker_url)
+
+
+def _tcp_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def _through(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+def _wait_dead_lettered(row, timeout):
+    def dead_lettered():
+        row.refresh_from_db()
+        return row.failed_at is not None
+
+    return wait_until(dead_lettered, timeout=timeout)
+
+
+def test_a_retry_the_broker_does_not_take_dead_letters_the_event(
+    broker_url, test_database_url, tmp_path
+):
+    """Celery rejects the message without requeueing it when it cannot publish the retry; the
+    row must show the failure instead of staying processed."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    row, event = outbox_event()
+    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    proxy = TcpProxy(*_tcp_port(broker_url)).start()
+    try:
+        with running_worker(
+            broker_url=_through(broker_url, proxy),
+            database_url=test_database_url,
+            record_dir=record_dir,
+            log_dir=tmp_path,
+        ) as worker:
+            hold = record_dir / f"hold.{event['event_id']}.1"
+            hold.touch()
+            with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
+                publisher.publish([("test.fails_when_told", event)])
+            # Given the handler running, and the broker taking no new connection
+            assert wait_until(lambda: runs(record_dir, "test.fails_when_told", event["event_id"]))
+            proxy.refuse_new = True
+            try:
+                # When the handler fails (the retry needs a connection of its own)
+                hold.unlink()
+                # Then the event is dead-lettered, with why
+                assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+            finally:
+                proxy.refuse_new = False  # for the worker's teardown
+            assert row.last_error.startswith(
+                "test.fails_when_told: RuntimeError: told to fail (its retry could not be"
+            )
+    finally:
+        proxy.stop()
+
+
+def test_a_dead_letter_the_database_does_not_take_is_recorded_later(
+    broker_url, test_database_url, tmp_path
+):
+    """The last retry fails while the database is gone: the message is kept, and the row is
+    dead-lettered once the database is back."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    row, event = outbox_event()
+    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    proxy = TcpProxy(*_tcp_port(test_database_url)).start()
+    try:
+        with running_worker(
+            broker_url=broker_url,
+            database_url=_through(test_database_url, proxy),
+            record_dir=record_dir,
+            log_dir=tmp_path,
+        ) as worker:
+            hold = record_dir / f"hold.{event['event_id']}.3"
+            hold.touch()
+            with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
+                publisher.publish([("test.fails_when_told", event)])
+            # Given the last run (OUTBOX_CELERY_MAX_RETRIES=2: the third) under way
+            assert wait_until(
+                lambda: len(runs(record_dir, "test.fails_when_told", event["event_id"])) == 3,
+                timeout=30,
+            ), worker.log()[-3000:]
+            # When it fails with the database gone
+            proxy.stop()
+            hold.unlink()
+            assert wait_until(lambda: "keeping the task to record it later" in worker.log())
+            row.refresh_from_db()
+            assert row.failed_at is None
+            # Then, once the database is back, the failure is recorded
+            proxy.start()
+            assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+            assert row.last_error == "test.fails_when_told: RuntimeError: told to fail"
+    finally:
+        proxy.stop()

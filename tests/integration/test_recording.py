@@ -132,3 +132,15 @@ def test_a_payload_python_cannot_decode_is_dead_lettered_and_the_others_flow(
     assert (processed, failed, attempts) == (False, True, 1)
     assert error.startswith("malformed event: ")
     assert poller.failed_count == 1
+
+
+def test_a_celery_dead_letter_quoting_a_nul_is_recorded(conn):
+    """The worker's record of a failure too: refused, it would keep its task for ever."""
+    from event_stream.tasks import record_failure
+
+    row_id = insert(conn, '{"name": "a"}')
+
+    assert record_failure(row_id, "webhook: WebhookError: 503 Service\x00Unavailable")
+
+    (error,) = conn.execute("SELECT last_error FROM outbox WHERE id = %s", (row_id,)).fetchone()
+    assert error == "webhook: WebhookError: 503 Service\\x00Unavailable"

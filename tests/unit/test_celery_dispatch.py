@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from celery import Celery
+from celery.exceptions import Reject, Retry
 
 from event_stream import tasks
 from event_stream.celery_dispatch import TASK_NAME, CeleryPublisher, task_id_for
@@ -176,6 +177,135 @@ class TestRunHandler:
         assert run("flaky", event()).successful()
         assert len(calls) == 2
         assert failures == []
+
+
+class TestNothingIsLostInTheWorker:
+    """What happens when the broker or the database fails the task, run as a worker runs it
+    (not eagerly: a retry is a message published by `Signature.apply_async`, faked here)."""
+
+    @pytest.fixture
+    def broker(self, monkeypatch):
+        """The retries the task published; `broker.broken = True` makes publishing fail."""
+        from celery.canvas import Signature
+
+        broker = FakeBroker()
+        monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **kw: broker.publish(sig))
+        return broker
+
+    def test_a_retry_the_broker_does_not_take_dead_letters_the_event(self, handlers, broker):
+        registry, failures = handlers
+        broker.broken = True
+        registry.add(boom, name="search.index", dispatch="celery")
+
+        with pytest.raises(RuntimeError, match="boom"):  # not Reject(requeue=False): acked, gone
+            run_in_worker("search.index", event(7))
+
+        ((outbox_id, error),) = failures
+        assert outbox_id == 7
+        assert error.startswith("search.index: RuntimeError: boom (its retry could not be publ")
+        assert "broker gone" in error
+
+    def test_a_dead_letter_the_database_does_not_take_keeps_the_message(
+        self, handlers, broker, monkeypatch
+    ):
+        registry, _ = handlers
+        monkeypatch.setattr(tasks, "record_failure", database_down)
+        registry.add(boom, name="search.index", dispatch="celery")
+
+        # The last retry (OUTBOX_CELERY_MAX_RETRIES=2) fails, and so does recording it
+        with pytest.raises(Retry):
+            run_in_worker("search.index", event(7), retries=2)
+
+        # Then the task is sent again, to record the failure (or succeed) later
+        ((args, options),) = broker.sent
+        assert args[0] == "search.index"
+        assert options["retries"] == 3 and options["countdown"] >= 0
+
+    def test_when_neither_takes_it_the_message_goes_back_to_its_queue(
+        self, handlers, broker, monkeypatch
+    ):
+        registry, _ = handlers
+        broker.broken = True
+        monkeypatch.setattr(tasks, "record_failure", database_down)
+        registry.add(boom, name="search.index", dispatch="celery")
+
+        with pytest.raises(Reject) as rejected:
+            run_in_worker("search.index", event(7))
+        assert rejected.value.requeue is True
+
+    def test_a_redelivered_task_runs_until_its_runs_are_used_up(self, handlers, monkeypatch):
+        registry, failures = handlers
+        calls = []
+        registry.add(calls.append, name="search.index", dispatch="celery")
+        lost = []
+        monkeypatch.setattr(tasks, "count_redelivery", lambda id, published: len(lost))
+
+        # OUTBOX_CELERY_MAX_RETRIES=2: three runs in all, whatever ended the first ones
+        for runs_lost, retries in [(1, 0), (2, 0), (1, 1)]:
+            lost[:] = [None] * runs_lost
+            run_in_worker("search.index", event(7), retries=retries, redelivered=True)
+        assert len(calls) == 3 and failures == []
+
+        for runs_lost, retries in [(3, 0), (1, 2)]:
+            lost[:] = [None] * runs_lost
+            run_in_worker("search.index", event(7), retries=retries, redelivered=True)
+        assert len(calls) == 3  # not run again
+        assert [id for id, _ in failures] == [7, 7]
+        assert failures[0][1].startswith("search.index: WorkerLost: delivered again 3 time(s)")
+
+    def test_a_first_delivery_writes_nothing(self, handlers, monkeypatch):
+        registry, _ = handlers
+        registry.add(lambda e: None, name="search.index", dispatch="celery")
+        monkeypatch.setattr(tasks, "count_redelivery", lambda *a: pytest.fail("counted"))
+        run_in_worker("search.index", event(7))
+
+    def test_a_redelivery_the_database_cannot_count_is_kept(self, handlers, broker, monkeypatch):
+        registry, _ = handlers
+        registry.add(lambda e: pytest.fail("must not run"), name="h", dispatch="celery")
+        monkeypatch.setattr(tasks, "count_redelivery", database_down)
+
+        with pytest.raises(Retry):
+            run_in_worker("h", event(7), redelivered=True)
+        assert len(broker.sent) == 1
+
+
+class FakeBroker:
+    def __init__(self):
+        self.sent = []
+        self.broken = False
+
+    def publish(self, sig):
+        if self.broken:
+            raise ConnectionError("broker gone")
+        self.sent.append((sig.args, sig.options))
+
+
+def boom(event_data):
+    raise RuntimeError("boom")
+
+
+def database_down(*args):
+    from django.db import OperationalError
+
+    raise OperationalError("the database is gone")
+
+
+def run_in_worker(name, event_data, *, retries=0, redelivered=False):
+    """Run the task as a worker does: a request of its own, not eager, so a retry publishes."""
+    task = tasks.run_handler
+    task.push_request(
+        id=f"{event_data['event_id']}:{name}",
+        args=[name, event_data],
+        kwargs={},
+        retries=retries,
+        is_eager=False,
+        called_directly=False,
+        delivery_info={"exchange": "", "routing_key": "q", "redelivered": redelivered},
+    )
+    try:
+        return task.run(name, event_data)
+    finally:
+        task.pop_request()
 
 
 class TestRetryDelay:

@@ -2,11 +2,15 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from event_stream.settings import (
+    HEARTBEAT_INTERVAL_MAX,
     CelerySettings,
     ConfigError,
     RelaySettings,
+    lenient_log_level,
     load_celery_settings,
+    load_log_level,
     load_settings,
+    load_transport_options,
 )
 
 
@@ -114,3 +118,88 @@ def test_system_checks_report_bad_variables(monkeypatch):
     (celery,) = check_celery_settings()
     assert relay.id == "event_stream.E001" and "OUTBOX_POLLER_BATCH_SIZE" in relay.msg
     assert celery.id == "event_stream.E002" and "OUTBOX_RETENTION_DAYS" in celery.msg
+
+
+class TestSharedVariables:
+    """EVENT_STREAM_LOG_LEVEL and CELERY_BROKER_TRANSPORT_OPTIONS: checked by the relay with its
+    own settings, and by the worker and beat when they start."""
+
+    @pytest.mark.parametrize("value", ["debug", "DEBUG", " Warning ", "critical"])
+    def test_a_log_level_in_any_case(self, value):
+        assert load_log_level({"EVENT_STREAM_LOG_LEVEL": value}) == value.strip().upper()
+        assert load_settings({}, {"EVENT_STREAM_LOG_LEVEL": value})
+
+    def test_the_log_level_defaults_to_info(self):
+        assert load_log_level({}) == load_log_level({"EVENT_STREAM_LOG_LEVEL": " "}) == "INFO"
+
+    @pytest.mark.parametrize("value", ["loud", "10", "WARN ING"])
+    def test_a_bad_log_level_is_named_by_the_relay_and_left_out_of_djangos_logging(self, value):
+        env = {"EVENT_STREAM_LOG_LEVEL": value}
+        with pytest.raises(ConfigError, match=f"^EVENT_STREAM_LOG_LEVEL: must be .*{value!r}$"):
+            load_settings({}, env)
+        assert lenient_log_level(env) == "INFO"
+
+    def test_djangos_logging_takes_the_level_in_capitals(self, monkeypatch):
+        import importlib
+
+        import plane.settings
+
+        monkeypatch.setenv("EVENT_STREAM_LOG_LEVEL", "debug")
+        try:
+            module = importlib.reload(plane.settings)
+            assert module.LOGGING["loggers"]["event_stream"]["level"] == "DEBUG"
+        finally:
+            monkeypatch.undo()
+            importlib.reload(plane.settings)
+
+    @pytest.mark.parametrize("value", ["[1]", "nonsense", '"x"', "null"])
+    def test_bad_transport_options_are_named(self, value):
+        env = {"CELERY_BROKER_TRANSPORT_OPTIONS": value}
+        with pytest.raises(ConfigError, match=r"^CELERY_BROKER_TRANSPORT_OPTIONS: must be a JSON"):
+            load_transport_options(env)
+        with pytest.raises(ConfigError, match=r"^CELERY_BROKER_TRANSPORT_OPTIONS: "):
+            load_settings({}, env)
+
+    def test_transport_options(self):
+        env = {"CELERY_BROKER_TRANSPORT_OPTIONS": '{"visibility_timeout": 60}'}
+        assert load_transport_options(env) == {"visibility_timeout": 60}
+        assert load_transport_options({"CELERY_BROKER_TRANSPORT_OPTIONS": " "}) == {}
+
+    @pytest.mark.parametrize(
+        "env",
+        [
+            {"OUTBOX_CELERY_MAX_RETRIES": "abc"},
+            {"OUTBOX_RETENTION_DAYS": "0"},
+            {"CELERY_BROKER_TRANSPORT_OPTIONS": "[1]"},
+            {"EVENT_STREAM_LOG_LEVEL": "loud"},
+        ],
+    )
+    def test_the_worker_and_beat_refuse_to_start_on_a_bad_value(self, env, capfd):
+        from celery_app import refuse_bad_settings
+
+        with pytest.raises(SystemExit) as exit_info:
+            refuse_bad_settings("celery worker", env)
+        assert exit_info.value.code == 2
+        (variable,) = env
+        assert capfd.readouterr().err.startswith(f"celery worker: {variable}: must be ")
+
+    def test_the_worker_and_beat_start_on_good_values(self):
+        from celery_app import refuse_bad_settings
+
+        refuse_bad_settings("celery worker", {"EVENT_STREAM_LOG_LEVEL": "debug"})
+
+
+class TestHeartbeatInterval:
+    def test_health_sees_at_least_three_heartbeats_of_a_live_relay(self):
+        from event_stream import health
+
+        assert HEARTBEAT_INTERVAL_MAX * 3 <= health.RELAY_ALIVE_SECONDS
+        assert load_settings({"heartbeat_interval": "10"}, {}).heartbeat_interval == 10
+
+    @pytest.mark.parametrize("value", ["11", "60", "300"])
+    def test_a_longer_interval_is_refused_by_name(self, value):
+        env = {"OUTBOX_POLLER_HEARTBEAT_INTERVAL": value}
+        with pytest.raises(ConfigError, match=r"^OUTBOX_POLLER_HEARTBEAT_INTERVAL: .*at most 10"):
+            load_settings({}, env)
+        with pytest.raises(ConfigError, match=r"^--heartbeat-interval: "):
+            load_settings({"heartbeat_interval": value}, {})
