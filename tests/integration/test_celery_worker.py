@@ -106,11 +106,7 @@ def test_when_retries_run_out_the_row_is_dead_lettered_and_replay_puts_it_back(
     publisher.publish([("test.always_fails", event)])
 
     # OUTBOX_CELERY_MAX_RETRIES=2 in the worker: the first try and two retries
-    def dead_lettered():
-        row.refresh_from_db()
-        return row.failed_at is not None
-
-    assert wait_until(dead_lettered, timeout=30), worker.log()[-3000:]
+    assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
     assert len(runs(record_dir, "test.always_fails", event["event_id"])) == 3
     assert row.last_error == "test.always_fails: RuntimeError: boom"
     assert Outbox.objects.failed().filter(id=row.id).exists()
@@ -228,11 +224,7 @@ def test_a_task_that_keeps_killing_its_worker_is_dead_lettered(
         with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
             publisher.publish([("test.kills_its_worker", event)])
 
-        def dead_lettered():
-            row.refresh_from_db()
-            return row.failed_at is not None
-
-        assert wait_until(dead_lettered, timeout=40), worker.log()[-3000:]
+        assert _wait_dead_lettered(row, timeout=40), worker.log()[-3000:]
         assert len(runs(record_dir, "test.kills_its_worker", event["event_id"])) == 3
         assert row.last_error.startswith("test.kills_its_worker: WorkerLost: delivered again 3")
         # And it stays so: the message was acked, nothing runs it again
