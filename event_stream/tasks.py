@@ -72,13 +72,16 @@ def run_handler(self, handler_name, event_data):
         )
         return
 
-    settings = load_celery_settings()
-    if _redelivered(self.request) and _out_of_runs(self, handler, event_data, settings):
+    # The settings are read only where a run needs them: a first delivery that succeeds,
+    # the common case, reads none.
+    if _redelivered(self.request) and _out_of_runs(
+        self, handler, event_data, load_celery_settings()
+    ):
         return
     try:
         _call(handler.func, event_data)
     except Exception as exc:
-        _retry_or_dead_letter(self, handler, event_data, exc, settings)
+        _retry_or_dead_letter(self, handler, event_data, exc, load_celery_settings())
 
 
 # A message that comes back without a retry (`redelivered`: its worker died or lost the broker

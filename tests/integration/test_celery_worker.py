@@ -70,6 +70,13 @@ def outbox_event(event_type="test.changed", payload=None) -> tuple[Outbox, dict]
     return row, event
 
 
+def published_outbox_event() -> tuple[Outbox, dict]:
+    """`outbox_event`, marked processed as the relay marks a row once its tasks are published."""
+    row, event = outbox_event()
+    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)
+    return row, event
+
+
 def test_published_tasks_run_the_handlers_with_the_inline_event_data(worker, publisher, record_dir):
     # Given an event, as the relay hands it to inline handlers
     _, event = outbox_event(
@@ -101,8 +108,7 @@ def test_a_failing_handler_is_retried_and_then_succeeds(worker, publisher, recor
 def test_when_retries_run_out_the_row_is_dead_lettered_and_replay_puts_it_back(
     worker, publisher, record_dir
 ):
-    row, event = outbox_event()
-    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    row, event = published_outbox_event()
     publisher.publish([("test.always_fails", event)])
 
     # OUTBOX_CELERY_MAX_RETRIES=2 in the worker: the first try and two retries
@@ -209,8 +215,7 @@ def test_a_task_that_keeps_killing_its_worker_is_dead_lettered(
         broker_url = RABBITMQ_URL
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    row, event = outbox_event()
-    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    row, event = published_outbox_event()
     worker = Worker(
         broker_url=broker_url,
         database_url=test_database_url,
@@ -267,8 +272,7 @@ def test_a_retry_the_broker_does_not_take_dead_letters_the_event(
     row must show the failure instead of staying processed."""
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    row, event = outbox_event()
-    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    row, event = published_outbox_event()
     proxy = TcpProxy(*_tcp_port(broker_url)).start()
     try:
         with running_worker(
@@ -305,8 +309,7 @@ def test_a_dead_letter_the_database_does_not_take_is_recorded_later(
     dead-lettered once the database is back."""
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    row, event = outbox_event()
-    Outbox.objects.filter(id=row.id).update(processed_at=row.created_at)  # the relay's part
+    row, event = published_outbox_event()
     proxy = TcpProxy(*_tcp_port(test_database_url)).start()
     try:
         with running_worker(
