@@ -339,9 +339,14 @@ def updated_func(
     ]
     if soft_delete_column:
         col = _ident(soft_delete_column)
+        # A soft delete is the entity's `.deleted`; clearing the column again (a restore) is
+        # its `.created`, as if inserted anew: a consumer that dropped the entity on `.deleted`
+        # takes it back. `previous_attributes` tells a restore from an insert.
         event_type = (
             f"CASE WHEN o.{col} IS NULL AND n.{col} IS NOT NULL "
             f"THEN {_sql_text(entity_type + '.deleted')} "
+            f"WHEN o.{col} IS NOT NULL AND n.{col} IS NULL "
+            f"THEN {_sql_text(entity_type + '.created')} "
             f"ELSE {_sql_text(entity_type + '.updated')} END"
         )
     else:

@@ -101,6 +101,29 @@ class TestIssueLifecycle:
         assert event.payload["previous_attributes"] == {"deleted_at": None}
         assert event.payload["data"]["deleted_at"] is not None
 
+    def test_restoring_a_soft_deleted_issue_writes_created(self, project):
+        deleted_at = timezone.now()
+        issue = issue_for(project, deleted_at=deleted_at)
+        issue.save()
+        clear_outbox()
+
+        issue.deleted_at = None
+        issue.save()
+
+        event = only_event()
+        assert event.event_type == "issue.created"  # a consumer that dropped it takes it back
+        assert event.payload["data"]["deleted_at"] is None
+        previous = event.payload["previous_attributes"]
+        assert datetime.datetime.fromisoformat(previous["deleted_at"]) == deleted_at
+
+    def test_cycle_restore_writes_created(self, project):
+        cycle = Cycle.objects.create(project=project, name="Sprint", deleted_at=timezone.now())
+        clear_outbox()
+
+        Cycle.objects.filter(pk=cycle.pk).update(deleted_at=None)
+
+        assert only_event().event_type == "cycle.created"
+
     def test_hard_delete_writes_deleted_with_the_last_row(self, project):
         issue = issue_for(project, name="Gone")
         issue.save()
