@@ -1,9 +1,9 @@
 """The event stream's health: queue depth against the seed's thresholds, failures, live relays.
 
-One query, on the outbox's partial indexes. `status` is the seed's: `healthy` up to 1,000 pending
-events, `warning` above 1,000, `critical` above 5,000 (`queue_health` is `critical` then, `ok`
-otherwise). Counts stop at `COUNT_CAP`, so a huge backlog cannot make the health check slow;
-`counts_capped` says when a count reached it.
+One query, on the outbox's partial indexes. `status` is the seed's health endpoint's: `healthy`
+below 1,000 pending events, `warning` from 1,000, `critical` from 5,000 (`queue_health` is
+`critical` then, `ok` otherwise). Counts stop at `COUNT_CAP`, so a huge backlog cannot make the
+health check slow; `counts_capped` says when a count reached it.
 """
 
 from __future__ import annotations
@@ -17,17 +17,19 @@ from django.utils import timezone
 from event_stream.models import Outbox, RelayHeartbeat
 from event_stream.settings import RELAY_ALIVE_SECONDS
 
-WARNING_THRESHOLD = 1_000  # pending events above this: warning
-CRITICAL_THRESHOLD = 5_000  # pending events above this: critical
+# The seed's endpoint code: `'healthy' if unprocessed_count < 1000 else 'warning'`, and `critical`
+# from 5000 (its alerting table says "> 1,000"; the endpoint is what users call).
+WARNING_THRESHOLD = 1_000  # pending events from this on: warning
+CRITICAL_THRESHOLD = 5_000  # pending events from this on: critical
 # RELAY_ALIVE_SECONDS (30): a relay whose heartbeat is older counts as gone. It lives with the
 # heartbeat interval's bound (at most a third of it) in event_stream.settings.
 COUNT_CAP = 1_000_000  # counts stop here
 
 
 def status_for(pending: int) -> str:
-    if pending > CRITICAL_THRESHOLD:
+    if pending >= CRITICAL_THRESHOLD:
         return "critical"
-    if pending > WARNING_THRESHOLD:
+    if pending >= WARNING_THRESHOLD:
         return "warning"
     return "healthy"
 
@@ -44,10 +46,9 @@ class HealthReport:
     counts_capped: bool
 
     def as_json(self) -> dict:
-        data = asdict(self)
-        if self.last_processed_at is not None:
-            data["last_processed_at"] = self.last_processed_at.isoformat()
-        return data
+        # `last_processed_at` stays a datetime: JsonResponse's encoder writes it as the seed's
+        # endpoint does (ISO 8601, milliseconds, `Z` for UTC).
+        return asdict(self)
 
 
 def _sql() -> str:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -11,6 +16,7 @@ from django.utils import timezone
 
 from event_stream.health import RELAY_ALIVE_SECONDS, collect
 from event_stream.models import Outbox, RelayHeartbeat
+from tests.integration.celery_support import ROOT
 
 pytestmark = pytest.mark.django_db
 
@@ -74,13 +80,17 @@ def test_reports_failures_age_last_processed_and_live_relays(client):
     assert body["failed_events"] == 4
     assert body["relays_alive"] == 2
     assert 599 < body["oldest_pending_age_seconds"] < 700
-    assert datetime.datetime.fromisoformat(body["last_processed_at"]) == processed_at
+    # As the seed's endpoint writes it (JsonResponse): ISO 8601, milliseconds, Z.
+    assert body["last_processed_at"] == (
+        processed_at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        + f"{processed_at.microsecond // 1000:03d}Z"
+    )
     assert "s3cr3t" not in response.content.decode()
 
 
 def test_the_seed_thresholds(client):
-    # Given 5,001 pending events
-    add_events(5_001)
+    # The seed's endpoint: healthy below 1,000 pending, warning from 1,000, critical from 5,000.
+    add_events(5_000)
     pending = Outbox.objects.pending().order_by("id")
 
     def status():
@@ -88,13 +98,16 @@ def test_the_seed_thresholds(client):
         body = response.json()
         return response.status_code, body["status"], body["queue_health"]
 
-    assert status() == (503, "critical", "critical")  # above 5,000
-    Outbox.objects.filter(id__in=pending.values("id")[:1]).update(processed_at=timezone.now())
-    assert status() == (200, "warning", "ok")  # 5,000
-    Outbox.objects.filter(id__in=pending.values("id")[:3_999]).update(processed_at=timezone.now())
-    assert status() == (200, "warning", "ok")  # 1,001
-    Outbox.objects.filter(id__in=pending.values("id")[:1]).update(processed_at=timezone.now())
-    assert status() == (200, "healthy", "ok")  # 1,000
+    def process(n):
+        Outbox.objects.filter(id__in=pending.values("id")[:n]).update(processed_at=timezone.now())
+
+    assert status() == (503, "critical", "critical")  # 5,000
+    process(1)
+    assert status() == (200, "warning", "ok")  # 4,999
+    process(3_999)
+    assert status() == (200, "warning", "ok")  # 1,000
+    process(1)
+    assert status() == (200, "healthy", "ok")  # 999
 
 
 def test_failed_events_do_not_count_as_pending():
@@ -120,5 +133,36 @@ def test_one_query(django_assert_num_queries):
         collect()
 
 
-def test_only_get(client):
+def test_only_get_and_head(client):
+    assert client.head(URL).status_code == 200  # monitors and load balancers send HEAD
     assert client.post(URL).status_code == 405
+
+
+@pytest.mark.slow
+def test_a_database_that_does_not_answer_is_a_503_not_a_server_error():
+    # A real connection failure: the view runs in a process whose database is a port nothing
+    # listens on.
+    script = (
+        "from django.test import Client; r = Client().get('/event-stream/health/'); "
+        "print(r.status_code, r.content.decode())"
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", script],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": f"postgres://postgres@127.0.0.1:{port}/none"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    status, body = result.stdout.strip().splitlines()[-1].split(" ", 1)  # after shell's banner
+    assert status == "503"
+    assert json.loads(body) == {
+        "status": "critical",
+        "queue_health": "unknown",
+        "error": "database unavailable",
+    }
+    assert "the database did not answer" in result.stderr
