@@ -184,8 +184,9 @@ def _whole_rows_sql(pk_sql: str, source: str, where: str | None = None) -> str:
         FROM {source} AS r{tail}"""
 
 
-def _not_yet_announced(soft_delete_sql: str | None, row: str = "r") -> str:
-    """A row already soft-deleted announced its `.deleted` then; removing it says nothing new."""
+def _not_soft_deleted(soft_delete_sql: str | None, row: str = "r") -> str:
+    """Only a row that is not soft-deleted is seen by consumers. One that is announced its
+    `.deleted` then: removing it says nothing new, and neither does giving it a new key."""
     return f"WHERE {row}.{soft_delete_sql} IS NULL" if soft_delete_sql else ""
 
 
@@ -195,7 +196,7 @@ def created_func(entity_type: str, pk_column: str) -> str:
 
 
 def deleted_func(entity_type: str, pk_column: str, soft_delete_column: str | None) -> str:
-    rows = _whole_rows_sql(pk_column, "old_rows", _not_yet_announced(soft_delete_column))
+    rows = _whole_rows_sql(pk_column, "old_rows", _not_soft_deleted(soft_delete_column))
     return _insert_events_sql(entity_type, _sql_text(f"{entity_type}.deleted"), rows)
 
 
@@ -211,7 +212,7 @@ def truncated_func(
     """
     soft_delete = _ident(soft_delete_column) if soft_delete_column else None
     rows = _whole_rows_sql(
-        _ident(pk_column), f"ONLY {_ident(table)}", _not_yet_announced(soft_delete)
+        _ident(pk_column), f"ONLY {_ident(table)}", _not_soft_deleted(soft_delete)
     )
     events = _insert_events_sql(entity_type, _sql_text(f"{entity_type}.deleted"), rows)
     return _refuse_a_stale_snapshot(table) + events
@@ -253,8 +254,8 @@ def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str |
 
     The update trigger pairs old and new rows by key, so a row whose key changed has no pair
     there. It is told as its delete and insert triggers would tell it: the old key's
-    `.deleted` (unless already soft-deleted, as `deleted_func` says) and the new key's
-    `.created`, each with its whole row.
+    `.deleted` and the new key's `.created`, each with its whole row, each only where the row
+    is not soft-deleted (a soft-deleted row is gone for consumers; a restore is `.created`).
     """
     pk = _ident(pk_column)
     soft_delete = _ident(soft_delete_column) if soft_delete_column else None
@@ -262,10 +263,11 @@ def key_changed_func(entity_type: str, pk_column: str, soft_delete_column: str |
         {_OUTBOX_INSERT}
         SELECT {_sql_text(f"{entity_type}.deleted")}, {_sql_text(entity_type)}, OLD.{pk},
                {_whole_row_payload("OLD")}
-        {_not_yet_announced(soft_delete, "OLD")};
+        {_not_soft_deleted(soft_delete, "OLD")};
         {_OUTBOX_INSERT}
-        VALUES ({_sql_text(f"{entity_type}.created")}, {_sql_text(entity_type)}, NEW.{pk},
-                {_whole_row_payload("NEW")});
+        SELECT {_sql_text(f"{entity_type}.created")}, {_sql_text(entity_type)}, NEW.{pk},
+               {_whole_row_payload("NEW")}
+        {_not_soft_deleted(soft_delete, "NEW")};
         RETURN NULL;
     """
 

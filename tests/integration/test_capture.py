@@ -187,7 +187,8 @@ class TestIssueLifecycle:
             "priority": "none"
         }
 
-    def test_changed_key_of_a_soft_deleted_issue_announces_only_the_new_key(self, project):
+    def test_changed_key_of_a_soft_deleted_issue_announces_nothing(self, project):
+        # Consumers saw its .deleted; under either key it stays gone until restored.
         issue = issue_for(project, deleted_at=timezone.now())
         issue.save()
         new_id = uuid.uuid4()
@@ -195,8 +196,28 @@ class TestIssueLifecycle:
 
         Issue.objects.filter(pk=issue.pk).update(id=new_id)
 
+        assert events() == []
+
+    def test_changed_key_and_restore_at_once_announce_the_new_key(self, project):
+        issue = issue_for(project, deleted_at=timezone.now())
+        issue.save()
+        new_id = uuid.uuid4()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(id=new_id, deleted_at=None)
+
         event = only_event()
         assert (event.event_type, event.entity_id) == ("issue.created", new_id)
+
+    def test_changed_key_and_soft_delete_at_once_announce_the_old_keys_deleted(self, project):
+        issue = issue_for(project)
+        issue.save()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(id=uuid.uuid4(), deleted_at=timezone.now())
+
+        event = only_event()
+        assert (event.event_type, event.entity_id) == ("issue.deleted", issue.id)
 
     def test_key_set_to_itself_writes_no_key_events(self, project):
         issue = issue_for(project)
