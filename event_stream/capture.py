@@ -339,8 +339,13 @@ def updated_func(
         for column, db_type in compared
         for old, new in [old_new(column, db_type)]
     ]
+    in_the_bin = ""
     if soft_delete_column:
         col = _ident(soft_delete_column)
+        # A row soft-deleted before and after the update stays gone for consumers: changing it
+        # there announces nothing (an indexer taking `.updated` as an upsert would bring it
+        # back); its restore will carry the whole row.
+        in_the_bin = f"\n            WHERE o.{col} IS NULL OR n.{col} IS NULL"
         # A soft delete is the entity's `.deleted`; clearing the column again (a restore) is
         # its `.created`, as if inserted anew: a consumer that dropped the entity on `.deleted`
         # takes it back. `previous_attributes` tells a restore from an insert.
@@ -364,7 +369,7 @@ def updated_func(
             SELECT {event_type} AS event_type, n.{pk} AS entity_id, n AS new_row,
                    {_joined_members(members)} AS changed
             FROM new_rows AS n
-            JOIN old_rows AS o ON o.{pk} = n.{pk}
+            JOIN old_rows AS o ON o.{pk} = n.{pk}{in_the_bin}
             OFFSET 0  -- computed once per row, not again for the WHERE below
         ) AS ev
         WHERE ev.changed <> '';

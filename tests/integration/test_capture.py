@@ -116,6 +116,17 @@ class TestIssueLifecycle:
         previous = event.payload["previous_attributes"]
         assert datetime.datetime.fromisoformat(previous["deleted_at"]) == deleted_at
 
+    def test_changing_a_soft_deleted_issue_writes_nothing(self, project):
+        # Consumers dropped it on its .deleted; an .updated would bring it back to an upserting
+        # indexer. Its restore will carry the whole row.
+        issue = issue_for(project, deleted_at=timezone.now())
+        issue.save()
+        clear_outbox()
+
+        Issue.objects.filter(pk=issue.pk).update(name="Renamed in the bin")
+
+        assert events() == []
+
     def test_cycle_restore_writes_created(self, project):
         cycle = Cycle.objects.create(project=project, name="Sprint", deleted_at=timezone.now())
         clear_outbox()
