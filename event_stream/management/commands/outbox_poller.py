@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from event_stream.management.parsing import StrictFlagsCommand
 from event_stream.service import OutboxEventService
 from event_stream.settings import RELAY_OPTIONS, ConfigError, load_settings
 
 
-class Command(BaseCommand):
+class Command(StrictFlagsCommand):
     help = "Relay outbox events to their handlers (inline or Celery) until SIGTERM/SIGINT."
     # The relay validates its own settings and reports a bad one in one line, exit status 2.
     requires_system_checks = []

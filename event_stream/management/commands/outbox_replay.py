@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import datetime
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from event_stream.management.parsing import StrictFlagsCommand
 from event_stream.replay import replay_failed
 
 
@@ -51,7 +52,7 @@ def parse_id(text: str) -> int:
     return value
 
 
-class Command(BaseCommand):
+class Command(StrictFlagsCommand):
     help = "Put failed outbox events back in the queue (processed_at/failed_at cleared)."
 
     def add_arguments(self, parser):

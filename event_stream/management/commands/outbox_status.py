@@ -7,10 +7,10 @@ and the relays with their heartbeats.
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from event_stream.health import FAILED_SHOWN, RELAY_ALIVE_SECONDS, StatusReport, status_report
+from event_stream.management.parsing import StrictFlagsCommand
 
 
 def _seconds(value: float | None) -> str:
@@ -75,7 +75,7 @@ def render(report: StatusReport) -> list[str]:
     return lines
 
 
-class Command(BaseCommand):
+class Command(StrictFlagsCommand):
     help = "Report the event stream's queue depth, failures, processing rate, latency and relays."
 
     def handle(self, *args, **options):

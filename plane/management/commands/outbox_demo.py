@@ -17,13 +17,13 @@ from collections import Counter
 
 from django.contrib.auth.models import User
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from event_stream.database import conninfo_from_django
 from event_stream.handlers import HandlerRegistry
 from event_stream.handlers import registry as app_registry
+from event_stream.management.parsing import StrictFlagsCommand
 from event_stream.models import Outbox
 from event_stream.poller import OutboxPoller, run_until_signalled
 from event_stream.settings import load_settings
@@ -40,7 +40,7 @@ from plane.models import (
 )
 
 
-class Command(BaseCommand):
+class Command(StrictFlagsCommand):
     help = "Run the relay on live issue changes and show events flowing to the handlers."
 
     def add_arguments(self, parser):
