@@ -8,6 +8,10 @@ are imported, so the host's `AppConfig.ready()` has registered the application's
 the time a task runs. Extra modules for a worker to import (test handlers, say) go on the
 command line: `celery -A celery_app worker -I some.module`.
 
+Beat's queue-depth check goes to a queue of its own, `event_stream.checks` (see `declare_queues`);
+a worker started without -Q consumes it along with the default queue, `celery`. A worker given
+its queues with -Q must be given this one too.
+
 `CELERY_BROKER_TRANSPORT_OPTIONS`, a JSON object, is merged into the broker's transport options,
 e.g. '{"visibility_timeout": 600}': with Redis, how long a task taken by a worker that died
 stays invisible before it is delivered again (Celery's default: one hour).
@@ -21,6 +25,7 @@ import os
 import sys
 
 from celery import Celery, signals
+from kombu import Exchange, Queue
 
 from event_stream.settings import (
     ConfigError,
@@ -30,6 +35,11 @@ from event_stream.settings import (
 )
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "plane.settings")
+
+CHECKS_QUEUE = "event_stream.checks"
+# The name of event_stream.tasks.check_queue_depth, which this module does not import (the
+# worker imports the task modules itself); tests/integration/test_beat.py fails if they differ.
+QUEUE_CHECK_TASK_NAME = "event_stream.check_queue_depth"
 
 app = Celery("event_stream")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -57,6 +67,43 @@ def _apply_environment(sender, **kwargs):
     if sender.conf.broker_connection_retry_on_startup is None:
         # Celery 5's default, stated, which also silences its deprecation warning.
         sender.conf.broker_connection_retry_on_startup = True
+    declare_queues(sender.conf)
+
+
+def declare_queues(conf) -> None:
+    """Give beat's queue-depth check a queue of its own, beside the default queue.
+
+    On the default queue the check waited behind every handler task already there, and expired
+    unrun (its schedule's expiry, a minute: a late check is superseded by the next) whenever
+    the backlog was more than a minute deep: exactly when it had something to report. A
+    priority cannot put it first: Redis serves the relay's messages, which have none, before
+    any with one, and RabbitMQ needs x-max-priority declared on a queue that already exists.
+    On its own queue it runs at the worker's next free slot: a worker takes from its queues in
+    turn. A worker started without -Q, as the README starts it, consumes every queue declared
+    here, so no command needs to change. A host that declares its own `task_queues` keeps
+    them, and the check stays on the default queue.
+    """
+    if conf.task_queues is not None:
+        return
+    default = conf.task_default_queue
+    conf.task_queues = (
+        # The default queue, declared as Celery declares it when no queues are set.
+        Queue(
+            default,
+            Exchange(conf.task_default_exchange, conf.task_default_exchange_type),
+            routing_key=conf.task_default_routing_key,
+        ),
+        Queue(CHECKS_QUEUE, Exchange(CHECKS_QUEUE), routing_key=CHECKS_QUEUE),
+    )
+    check_route = {QUEUE_CHECK_TASK_NAME: {"queue": CHECKS_QUEUE}}
+    conf.task_routes = (*_as_routers(conf.task_routes), check_route)  # the host's routes first
+
+
+def _as_routers(routes) -> tuple:
+    """`task_routes` as a tuple of routers (Celery takes one router, or a list of them)."""
+    if routes is None:
+        return ()
+    return tuple(routes) if isinstance(routes, list | tuple) else (routes,)
 
 
 @signals.celeryd_init.connect

@@ -3,14 +3,16 @@
 `event_stream.run_handler(handler_name, event_data)` is what the relay publishes (see
 `celery_dispatch`) for each event and handler dispatched to Celery. The name is looked up in the
 application's handler registry, never imported: a message naming anything else (an import path
-such as "os.system" included) is logged and dropped. A failing handler is retried with
-exponential backoff and jitter; when the retries run out, the outbox row is dead-lettered
-(`failed_at`, `last_error`) so that health, `outbox_status` and the admin show it and
-`outbox_replay` can put it back.
+such as "os.system" included) runs nothing. A failing handler is retried with exponential
+backoff and jitter; when the retries run out, the outbox row is dead-lettered (`failed_at`,
+`last_error`, and the runs in `attempts`) so that health, `outbox_status` and the admin show it
+and `outbox_replay` can put it back.
 
 Nothing is dropped on the way: a task whose worker keeps dying is dead-lettered after as many
-runs (see `_out_of_runs`); a retry the broker does not take dead-letters the row; a dead letter
-the database does not take keeps the message (`_keep_for_later`).
+runs (see `_out_of_runs`); a retry the broker does not take dead-letters the row; a task the
+worker cannot run (a handler it does not have, event_data that is not an event) dead-letters
+the row it names (`_refuse`); a dead letter the database does not take keeps the message
+(`_keep_for_later`).
 
 The OUTBOX_CELERY_* variables and OUTBOX_RETENTION_DAYS, their defaults and their rules, are
 `event_stream.settings.CELERY_OPTIONS`. They are read each time a task runs, never at import.
@@ -28,7 +30,8 @@ from typing import NoReturn
 from celery import shared_task
 from celery.exceptions import Reject
 from django.db import DatabaseError, connection, transaction
-from django.db.models.functions import Now
+from django.db.models import SmallIntegerField, Value
+from django.db.models.functions import Greatest, Now
 from django.utils import timezone
 
 from event_stream.celery_dispatch import TASK_NAME
@@ -43,6 +46,13 @@ CLEANUP_TASK_NAME = "event_stream.cleanup_processed"
 QUEUE_CHECK_TASK_NAME = "event_stream.check_queue_depth"
 CLEANUP_CHUNK_SIZE = 10_000  # ids per DELETE
 MAX_ERROR_LENGTH = 4_000
+MAX_ATTEMPTS = 32_767  # the top of `attempts`, a smallint
+
+# The seed's event_data fields, which every handler may rely on; the relay sends them all.
+EVENT_FIELDS = (
+    "id", "event_id", "event_type", "entity_type", "entity_id", "payload", "processed_at",
+    "created_at",
+)  # fmt: skip
 
 
 # -- running handlers -----------------------------------------------------------------------
@@ -60,15 +70,22 @@ def run_handler(self, handler_name, event_data):
     """Run the registered handler `handler_name` on `event_data` (the dict inline handlers get)."""
     handler = registry.get(handler_name) if isinstance(handler_name, str) else None
     if handler is None:
-        logger.error(
-            "rejected task %s: %r is not a registered handler; nothing was run",
-            self.request.id,
-            handler_name,
+        _refuse(
+            self,
+            event_data,
+            f"{handler_name!r} is not a registered handler",
+            f"{_label(handler_name)}: NotRegistered: no handler of this name in the worker "
+            f"(not deployed there yet, or no longer); nothing was run",
         )
         return
-    if not isinstance(event_data, dict) or "id" not in event_data:
-        logger.error(
-            "rejected task %s: event_data is not an event; nothing was run", self.request.id
+    missing = _missing_fields(event_data)
+    if missing:
+        _refuse(
+            self,
+            event_data,
+            f"event_data is not an event (it lacks {', '.join(missing)})",
+            f"{handler.name}: MalformedEvent: event_data lacks {', '.join(missing)}; "
+            f"nothing was run",
         )
         return
 
@@ -82,6 +99,54 @@ def run_handler(self, handler_name, event_data):
         _call(handler.func, event_data)
     except Exception as exc:
         _retry_or_dead_letter(self, handler, event_data, exc, load_celery_settings())
+
+
+# A task the worker cannot run is not acked away: the relay marked its row processed when it
+# published it, so the event would be lost. Its row is dead-lettered instead (`failed_at`, with
+# why), for `outbox_replay` to send it again: after a rolling deploy has given every worker the
+# handler, or to a relay that builds the event right. Nothing was run, so `attempts` is left
+# as it is.
+
+
+def _refuse(task, event_data, why: str, error: str) -> None:
+    """Run nothing; dead-letter the row `event_data` names with `error`, or, when it names
+    none, log `why` and let the message go."""
+    outbox_id = _outbox_id(event_data)
+    if outbox_id is None:
+        # No integer id: a forged or garbled message. There is no row to mark, and keeping the
+        # message would only bring it back to the same end: logging it is all there is to do.
+        logger.error("rejected task %s: %s; nothing was run", task.request.id, why)
+        return
+    logger.error(
+        "rejected task %s: %s; nothing was run; dead-lettered event %s for outbox_replay",
+        task.request.id,
+        why,
+        outbox_id,
+    )
+    _dead_letter(task, outbox_id, error, 0, load_celery_settings())
+
+
+def _label(handler_name) -> str:
+    """The handler name as last_error starts with it: as given, or its repr if not a string."""
+    return handler_name if isinstance(handler_name, str) else repr(handler_name)
+
+
+def _outbox_id(event_data) -> int | None:
+    """The outbox row id `event_data` carries, if it is an integer."""
+    outbox_id = event_data.get("id") if isinstance(event_data, dict) else None
+    if isinstance(outbox_id, int) and not isinstance(outbox_id, bool):
+        return outbox_id
+    return None
+
+
+def _missing_fields(event_data) -> list[str]:
+    """The EVENT_FIELDS that `event_data` lacks ("id" too when its id is not an integer)."""
+    if not isinstance(event_data, dict):
+        return list(EVENT_FIELDS)
+    missing = [name for name in EVENT_FIELDS if name not in event_data]
+    if "id" not in missing and _outbox_id(event_data) is None:
+        missing.insert(0, "id")
+    return missing
 
 
 # A message that comes back without a retry (`redelivered`: its worker died or lost the broker
@@ -120,7 +185,8 @@ def _out_of_runs(task, handler, event_data: dict, settings: CelerySettings) -> b
         f"(its worker died or lost the broker); not run again"
     )
     logger.error("task %s: %s; dead-lettered event %s", task.request.id, error, event_data["id"])
-    _dead_letter(task, event_data["id"], error, settings)
+    # This delivery does not run: the runs were the earlier ones.
+    _dead_letter(task, event_data["id"], error, runs - 1, settings)
     return True
 
 
@@ -133,7 +199,7 @@ def count_redelivery(outbox_id: int, attempts_when_published) -> int | None:
     with connection.cursor() as cursor:
         cursor.execute(
             # LEAST: a smallint column; past its top the count has long done its job.
-            f"UPDATE {table} SET attempts = LEAST(attempts + 1, 32767) WHERE id = %s "
+            f"UPDATE {table} SET attempts = LEAST(attempts + 1, {MAX_ATTEMPTS}) WHERE id = %s "
             f"RETURNING attempts",
             [outbox_id],
         )
@@ -158,7 +224,7 @@ def _retry_or_dead_letter(task, handler, event_data: dict, exc: Exception, setti
             retries + 1,
             error,
         )
-        _dead_letter(task, event_data["id"], error, settings)
+        _dead_letter(task, event_data["id"], error, retries + 1, settings)
         raise exc
     delay = retry_delay(settings, retries)
     logger.warning(
@@ -181,14 +247,14 @@ def _retry_or_dead_letter(task, handler, event_data: dict, exc: Exception, setti
         logger.error(
             "task %s: %s; dead-lettered event %s", task.request.id, error, event_data["id"]
         )
-        _dead_letter(task, event_data["id"], error, settings)
+        _dead_letter(task, event_data["id"], error, retries + 1, settings)
         raise exc from None
 
 
-def _dead_letter(task, outbox_id: int, error: str, settings: CelerySettings) -> None:
+def _dead_letter(task, outbox_id: int, error: str, runs: int, settings: CelerySettings) -> None:
     """record_failure, or keep the message when the database cannot take it."""
     try:
-        record_failure(outbox_id, error)
+        record_failure(outbox_id, error, runs)
     except DatabaseError as exc:
         logger.error(
             "could not dead-letter event %s (task %s); keeping the task to record it later: %s",
@@ -234,14 +300,22 @@ async def _await(awaitable):
     return await awaitable
 
 
-def record_failure(outbox_id: int, error: str) -> bool:
-    """Dead-letter one outbox row after its Celery handler gave up; False if the row is gone."""
+def record_failure(outbox_id: int, error: str, runs: int = 0) -> bool:
+    """Dead-letter one outbox row after its Celery handler gave up; False if the row is gone.
+
+    `runs`: how many times the task ran the handler. The relay's `attempts` knows nothing of
+    them (a row is published once), and status would show "after 0 attempt(s)": the row keeps
+    the greater count (the relay's tries, or the redeliveries `count_redelivery` added).
+    """
     from event_stream.models import Outbox
 
     # Stored as the relay stores its errors: a NUL that PostgreSQL refuses would fail the
     # record on every run, and the task would be kept for later (`_dead_letter`) for ever.
     (storable_error,) = storable([error[:MAX_ERROR_LENGTH]])
-    updated = Outbox.objects.filter(id=outbox_id).update(failed_at=Now(), last_error=storable_error)
+    runs_so_far = Value(min(runs, MAX_ATTEMPTS), output_field=SmallIntegerField())
+    updated = Outbox.objects.filter(id=outbox_id).update(
+        failed_at=Now(), last_error=storable_error, attempts=Greatest("attempts", runs_so_far)
+    )
     if not updated:
         logger.warning("outbox row %s is gone; its failure was not recorded", outbox_id)
     return bool(updated)
@@ -304,7 +378,8 @@ def vacuum_outbox() -> None:
 
 @shared_task(name=QUEUE_CHECK_TASK_NAME, ignore_result=True)
 def check_queue_depth():
-    """Record the queue depth, and log a warning (above 1,000 pending) or error (above 5,000)."""
+    """Record the queue depth, and log a warning (from 1,000 pending) or error (from 5,000), the
+    thresholds of health (`event_stream.health`)."""
     from event_stream.health import collect
     from event_stream.models import QueueCheck
 

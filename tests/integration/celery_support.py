@@ -2,7 +2,9 @@
 
 The tests use their own Redis database (TEST_REDIS_DB, or EVENT_STREAM_TEST_REDIS_URL) and
 queue names unique to each run, so a short visibility timeout here never touches the messages of
-anything else using the same Redis server.
+anything else using the same Redis server. A worker on the app's own queues (started without
+-Q, as the README starts it) gets a Redis database of its own, DEFAULT_QUEUES_REDIS_DB: those
+queue names are the same in every run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parents[2]
 HANDLERS_MODULE = "tests.integration.celery_worker_handlers"
 TEST_REDIS_DB = 11
+DEFAULT_QUEUES_REDIS_DB = 13  # 12 is bench/relay.py's
 RABBITMQ_URL = os.environ.get("EVENT_STREAM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 # Short enough for a test to see a dead worker's task come back; every task of the test
@@ -31,14 +34,14 @@ WORKER_TRANSPORT_OPTIONS = (
 )
 
 
-def redis_url_for_tests() -> str:
+def redis_url_for_tests(db: int = TEST_REDIS_DB) -> str:
     url = os.environ.get("EVENT_STREAM_TEST_REDIS_URL")
     if url:
-        return url
+        return url if db == TEST_REDIS_DB else urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
     base = os.environ.get("CELERY_BROKER_URL", "")
     if base.startswith("redis://"):
-        return urlunsplit(urlsplit(base)._replace(path=f"/{TEST_REDIS_DB}"))
-    return f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+        return urlunsplit(urlsplit(base)._replace(path=f"/{db}"))
+    return f"redis://127.0.0.1:6379/{db}"
 
 
 def unique_queue(prefix: str = "es_test") -> str:
@@ -70,8 +73,11 @@ def make_app(broker_url: str):
     """A Celery app configured like celery_app's, on another broker."""
     from celery import Celery
 
+    from celery_app import declare_queues
+
     app = Celery("event_stream_tests", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
+    declare_queues(app.conf)
     app.conf.broker_url = broker_url
     # Celery prefers the CELERY_BROKER_URL variable to broker_url; these two it does not.
     app.conf.broker_write_url = app.conf.broker_read_url = broker_url
@@ -128,14 +134,17 @@ class LoggedProcess:
 
 
 class Worker(LoggedProcess):
-    """`celery -A celery_app worker` as a child process, logging to a file."""
+    """`celery -A celery_app worker` as a child process, logging to a file.
+
+    On `queue` alone (-Q), or, with queue=None, on the app's queues, as the README starts it.
+    """
 
     def __init__(
         self,
         *,
         broker_url: str,
         database_url: str,
-        queue: str,
+        queue: str | None,
         log_path: Path,
         record_dir: Path,
         pool: str = "solo",
@@ -163,11 +172,13 @@ class Worker(LoggedProcess):
 
     def start(self, timeout: float = 60) -> Worker:
         pool = ["--pool=solo"] if self.pool == "solo" else ["--pool=prefork", "--concurrency=1"]
+        queues = ["-Q", self.queue] if self.queue else []
+        node = self.queue or unique_queue("es_test_app_queues")
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "celery_app", "worker", *pool,
-                "-Q", self.queue, "-I", ",".join(self.imports), "-n", f"{self.queue}@%h",
+                sys.executable, "-m", "celery", "-A", "celery_app", "worker", *pool, *queues,
+                "-I", ",".join(self.imports), "-n", f"{node}@%h",
                 "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "INFO",
             ],
             cwd=ROOT,
@@ -259,6 +270,15 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
 
+def forget_app_queues(redis_url: str) -> None:
+    """Empty the test database of a worker on the app's own queues (DEFAULT_QUEUES_REDIS_DB):
+    the queues, and the messages taken but not acked."""
+    from celery_app import CHECKS_QUEUE, app
+
+    for queue in (app.conf.task_default_queue, CHECKS_QUEUE, "unacked"):
+        forget_queue(queue, redis_url)
+
+
 @contextlib.contextmanager
 def running_worker(
     *,
@@ -268,6 +288,7 @@ def running_worker(
     log_dir: Path,
     queue_prefix: str = "es_test",
     imports: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ):
     """A started worker on a queue of its own; stopped, and its queue forgotten, afterwards."""
     worker = Worker(
@@ -277,6 +298,7 @@ def running_worker(
         log_path=log_dir / "worker.log",
         record_dir=record_dir,
         imports=imports,
+        env=env,
     )
     try:
         yield worker.start()

@@ -87,6 +87,17 @@ def kills_its_worker(event_data):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def takes_a_while(event_data):
+    """Leave a trace, then take half a second: a backlog of these keeps a worker busy."""
+    _record("test.takes_a_while", event_data)
+    time.sleep(0.5)
+
+
+def deployed_late(event_data):
+    """Registered only where DEPLOYED_LATE_ENV is set: the worker of a newer release."""
+    _record("test.deployed_late", event_data)
+
+
 for _name, _func in [
     ("test.record", record),
     ("test.record_async", record_async),
@@ -95,5 +106,12 @@ for _name, _func in [
     ("test.always_fails", always_fails),
     ("test.kills_its_worker", kills_its_worker),
     ("test.fails_when_told", fails_when_told),
+    ("test.takes_a_while", takes_a_while),
 ]:
     registry.add(_func, PATTERNS, name=_name, dispatch="celery")
+
+# A rolling deploy: the relay may publish a task for a handler that a worker of the older
+# release does not have. Only a worker started with this variable set has it.
+DEPLOYED_LATE_ENV = "EVENT_STREAM_TEST_DEPLOYED_LATE"
+if os.environ.get(DEPLOYED_LATE_ENV):
+    registry.add(deployed_late, PATTERNS, name="test.deployed_late", dispatch="celery")

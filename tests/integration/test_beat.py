@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
 
 import psycopg
 import pytest
@@ -15,12 +16,19 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
+from celery_app import CHECKS_QUEUE
+from event_stream.celery_dispatch import CeleryPublisher
+from event_stream.events import make_event_data
 from event_stream.models import Outbox, QueueCheck
-from event_stream.tasks import check_queue_depth, cleanup_processed
+from event_stream.tasks import QUEUE_CHECK_TASK_NAME, check_queue_depth, cleanup_processed
 from tests.integration.celery_support import (
+    DEFAULT_QUEUES_REDIS_DB,
     ROOT,
+    Worker,
     database_url,
+    forget_app_queues,
     forget_queue,
+    make_app,
     redis_url_for_tests,
     wait_until,
 )
@@ -74,8 +82,8 @@ class TestSchedule:
             finally:
                 beat.terminate()
                 beat.wait(timeout=15)
-                # what beat sent went to the default queue of the test Redis database
-                forget_queue("celery")
+                # what beat sent went to the check's queue of the test Redis database
+                forget_queue(CHECKS_QUEUE)
         text = log.read_text()
         sent = SENT in text
         assert "DatabaseScheduler" in text, text[-3000:]
@@ -161,10 +169,10 @@ class TestQueueDepthCheck:
         "pending, status, level",
         [
             (0, "healthy", logging.INFO),
-            (1_000, "healthy", logging.INFO),
-            (1_001, "warning", logging.WARNING),
-            (5_000, "warning", logging.WARNING),
-            (5_001, "critical", logging.ERROR),
+            (999, "healthy", logging.INFO),
+            (1_000, "warning", logging.WARNING),
+            (4_999, "warning", logging.WARNING),
+            (5_000, "critical", logging.ERROR),
         ],
     )
     def test_records_and_logs_what_it_saw(self, caplog, pending, status, level):
@@ -181,3 +189,50 @@ class TestQueueDepthCheck:
         record = next(r for r in caplog.records if "queue depth" in r.getMessage())
         assert record.levelno == level
         assert f"{pending} pending" in record.getMessage()
+
+
+def backlog_event(n: int) -> dict:
+    return make_event_data(
+        id=n,
+        event_id=uuid.uuid4(),
+        event_type="test.changed",
+        entity_type="test",
+        entity_id=uuid.uuid4(),
+        payload={"data": {"n": n}},
+        created_at=timezone.now(),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_check_does_not_wait_behind_a_backlog_of_handler_tasks(tmp_path):
+    """The check expires a minute after beat sends it. Queued behind the handler tasks it would
+    run only once the backlog is done, or expire unrun: exactly when the queue is deep. It has a
+    queue of its own, which a worker started as the README says (no -Q) consumes as well."""
+    broker_url = redis_url_for_tests(DEFAULT_QUEUES_REDIS_DB)
+    forget_app_queues(broker_url)
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    worker = Worker(
+        broker_url=broker_url,
+        database_url=database_url(connection.settings_dict),
+        queue=None,
+        log_path=tmp_path / "worker.log",
+        record_dir=record_dir,
+    )
+    backlog = 20  # half a second each: ten seconds of work for the worker's one process
+    app = make_app(broker_url)
+    try:
+        worker.start()
+        # Given a backlog of handler tasks, published where the relay publishes them
+        with CeleryPublisher(app) as publisher:
+            publisher.publish([("test.takes_a_while", backlog_event(n)) for n in range(backlog)])
+        # When beat sends the check
+        app.send_task(QUEUE_CHECK_TASK_NAME, expires=60)
+        # Then it runs before the backlog is done
+        assert wait_until(QueueCheck.objects.exists, timeout=30), worker.log()[-3000:]
+        handled = len(list(record_dir.glob("test.takes_a_while.*.jsonl")))
+        assert handled < backlog / 2, worker.log()[-3000:]
+    finally:
+        worker.stop()
+        forget_app_queues(broker_url)

@@ -29,7 +29,7 @@ from tests.integration.celery_support import (
     unique_queue,
     wait_until,
 )
-from tests.integration.celery_worker_handlers import runs
+from tests.integration.celery_worker_handlers import DEPLOYED_LATE_ENV, runs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -115,6 +115,7 @@ def test_when_retries_run_out_the_row_is_dead_lettered_and_replay_puts_it_back(
     assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
     assert len(runs(record_dir, "test.always_fails", event["event_id"])) == 3
     assert row.last_error == "test.always_fails: RuntimeError: boom"
+    assert row.attempts == 3  # what outbox_status shows: "after 3 attempt(s)"
     assert Outbox.objects.failed().filter(id=row.id).exists()
 
     assert replay_failed(ids=[row.id]) == 1
@@ -232,6 +233,7 @@ def test_a_task_that_keeps_killing_its_worker_is_dead_lettered(
         assert _wait_dead_lettered(row, timeout=40), worker.log()[-3000:]
         assert len(runs(record_dir, "test.kills_its_worker", event["event_id"])) == 3
         assert row.last_error.startswith("test.kills_its_worker: WorkerLost: delivered again 3")
+        assert row.attempts == 3
         # And it stays so: the message was acked, nothing runs it again
         task_id = task_id_for(event["event_id"], "test.kills_its_worker")
         assert wait_until(lambda: f"[{task_id}] succeeded" in worker.log(), timeout=15)
@@ -298,6 +300,7 @@ def test_a_retry_the_broker_does_not_take_dead_letters_the_event(
             assert row.last_error.startswith(
                 "test.fails_when_told: RuntimeError: told to fail (its retry could not be"
             )
+            assert row.attempts == 1
     finally:
         proxy.stop()
 
@@ -337,5 +340,94 @@ def test_a_dead_letter_the_database_does_not_take_is_recorded_later(
             proxy.start()
             assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
             assert row.last_error == "test.fails_when_told: RuntimeError: told to fail"
+            # the run kept for later ran the handler once more: four runs, four attempts
+            assert len(runs(record_dir, "test.fails_when_told", event["event_id"])) == 4
+            assert row.attempts == 4
     finally:
         proxy.stop()
+
+
+# -- messages the worker cannot run -----------------------------------------------------------
+
+
+def test_a_task_for_a_handler_the_worker_lacks_is_dead_lettered_and_replayable(
+    worker, publisher, broker_url, test_database_url, record_dir, tmp_path
+):
+    """A rolling deploy: the relay knows a handler the worker's release does not (yet, or no
+    longer) have. The relay marked the row processed when it published: acking the task away
+    would lose the event."""
+    row, event = published_outbox_event()
+    # When the worker gets a task for a handler it does not have
+    publisher.publish([("test.deployed_late", event)])
+    # Then the row is dead-lettered, naming the handler, and nothing ran
+    assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+    assert row.last_error == (
+        "test.deployed_late: NotRegistered: no handler of this name in the worker "
+        "(not deployed there yet, or no longer); nothing was run"
+    )
+    assert not runs(record_dir, "test.deployed_late", event["event_id"])
+
+    # When it is replayed, once the workers have the handler
+    assert replay_failed(ids=[row.id]) == 1
+    row.refresh_from_db()
+    assert (row.processed_at, row.failed_at, row.attempts) == (None, None, 0)
+    assert Outbox.objects.pending().filter(id=row.id).exists()
+    with running_worker(
+        broker_url=broker_url,
+        database_url=test_database_url,
+        record_dir=record_dir,
+        log_dir=tmp_path,
+        env={DEPLOYED_LATE_ENV: "1"},
+    ) as newer:
+        # (the relay claims the pending row and publishes it again, as here)
+        with CeleryPublisher(make_app(broker_url), queue=newer.queue) as relay_publisher:
+            relay_publisher.publish([("test.deployed_late", row.event_data())])
+        # Then the handler gets the event
+        assert wait_until(
+            lambda: runs(record_dir, "test.deployed_late", event["event_id"]), timeout=30
+        ), newer.log()[-3000:]
+
+
+def test_a_missing_handlers_dead_letter_the_database_does_not_take_is_recorded_later(
+    broker_url, test_database_url, record_dir, tmp_path
+):
+    row, event = published_outbox_event()
+    proxy = TcpProxy(*_tcp_port(test_database_url)).start()
+    try:
+        with running_worker(
+            broker_url=broker_url,
+            database_url=_through(test_database_url, proxy),
+            record_dir=record_dir,
+            log_dir=tmp_path,
+        ) as worker:
+            # Given the database gone
+            proxy.stop()
+            # When the worker gets a task for a handler it does not have
+            with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
+                publisher.publish([("test.deployed_late", event)])
+            # Then the message is kept
+            assert wait_until(lambda: "keeping the task to record it later" in worker.log()), (
+                worker.log()[-3000:]
+            )
+            row.refresh_from_db()
+            assert row.failed_at is None
+            # And, once the database is back, the row is dead-lettered
+            proxy.start()
+            assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+            assert row.last_error.startswith("test.deployed_late: NotRegistered:")
+    finally:
+        proxy.stop()
+
+
+def test_event_data_lacking_fields_dead_letters_its_row_without_running_the_handler(
+    worker, broker_url, record_dir
+):
+    row, event = published_outbox_event()
+    garbled = {k: v for k, v in event.items() if k not in ("event_id", "payload")}
+    make_app(broker_url).send_task(TASK_NAME, args=["test.record", garbled], queue=worker.queue)
+
+    assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+    assert row.last_error == (
+        "test.record: MalformedEvent: event_data lacks event_id, payload; nothing was run"
+    )
+    assert row.attempts == 0  # nothing ran

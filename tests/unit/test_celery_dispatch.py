@@ -104,7 +104,9 @@ def handlers(monkeypatch):
     registry = HandlerRegistry()
     monkeypatch.setattr(tasks, "registry", registry)
     failures = []
-    monkeypatch.setattr(tasks, "record_failure", lambda id, error: failures.append((id, error)))
+    monkeypatch.setattr(
+        tasks, "record_failure", lambda id, error, runs=0: failures.append((id, error))
+    )
     monkeypatch.setenv("OUTBOX_CELERY_MAX_RETRIES", "2")
     monkeypatch.setenv("OUTBOX_CELERY_RETRY_BACKOFF", "0")
     return registry, failures
