@@ -47,6 +47,8 @@ UNCOMMITTED_WRITERS_PAUSE = 0.01
 HOLDER_CHECK_INTERVAL = 0.25
 # How finely the relay tells apart the due times of the retries it scheduled (RetryDueTimes).
 RETRY_DUE_RESOLUTION = 0.01
+# How long a stopping relay tries to reach the database to take itself off the live list.
+GOODBYE_CONNECT_SECONDS = 2.0
 
 
 class StopReason(enum.Enum):
@@ -145,11 +147,13 @@ class OutboxPoller:
         """Run until stopped; returns why. Closes its connections before returning."""
         side_tasks: list[asyncio.Task] = []
         self._handler_thread = HandlerThread(self._after_batch)
+        reason = None
         try:
             if not await self._connect_with_backoff(self.db.connect_work):
                 return StopReason.STOPPED
             side_tasks.append(self._start_listener())
-            return await self._loop(side_tasks)
+            reason = await self._loop(side_tasks)
+            return reason
         finally:
             for task in side_tasks:
                 task.cancel()
@@ -165,7 +169,10 @@ class OutboxPoller:
             if close_publisher is not None:
                 close_publisher()
             await self._hand_over_wakeups()
-            await self._say_goodbye()
+            if reason is not StopReason.RESTART:
+                # A restart in place is the same relay going on (same id): its heartbeat row
+                # stays, and health does not count it gone while it restarts.
+                await self._say_goodbye()
             await self.db.close()
 
     def _start_listener(self) -> asyncio.Task:
@@ -420,10 +427,16 @@ class OutboxPoller:
             logger.warning("could not hand over wake-ups: %s: %s", type(exc).__name__, exc)
 
     async def _say_goodbye(self) -> None:
-        """A relay that stops cleanly leaves the list of live relays at once."""
+        """A relay that stops cleanly leaves the list of live relays at once.
+
+        Also one stopped before its control connection was up: after a restart in place its
+        heartbeat row is the previous program's, still listed. A connection is tried for a
+        moment only: with the database gone, the row ages out of the list instead.
+        """
         try:
-            if self.db.control_ok:
-                await self.db.remove_heartbeat(self.relay_id)
+            if not self.db.control_ok:
+                await asyncio.wait_for(self.db.connect_control(), GOODBYE_CONNECT_SECONDS)
+            await self.db.remove_heartbeat(self.relay_id)
         except Exception as exc:
             logger.debug("could not remove heartbeat: %s", exc)
 

@@ -70,6 +70,21 @@ def drain_with_a_fresh_relay(db, database_url, timeout=30):
         stop(relay)
 
 
+def proxied_database():
+    """A started TcpProxy to the test database, and the database's URL through it."""
+    from django.db import connection
+
+    from tests.integration.celery_support import TcpProxy
+    from tests.integration.celery_support import database_url as url_of
+
+    settings = connection.settings_dict
+    if str(settings.get("HOST") or "").startswith("/"):
+        pytest.skip("the database server listens on a socket only")
+    proxy = TcpProxy(settings.get("HOST") or "127.0.0.1", int(settings.get("PORT") or 5432))
+    proxy.start()
+    return proxy, url_of({**settings, "HOST": "127.0.0.1", "PORT": proxy.port})
+
+
 @pytest.mark.parametrize("relays", [2, 3])
 def test_several_relays_handle_every_event_once_in_entity_order(db, database_url, relays):
     entities = [uuid.uuid4() for _ in range(100)]
@@ -270,6 +285,125 @@ def test_memory_limit_restarts_in_place_and_counts_it(db, database_url):
     assert len(handled_rows(db)) == 5
 
 
+def test_a_memory_restart_keeps_the_heartbeat_counts(db, database_url):
+    """The relay that restarts in place is the same relay (same id): its heartbeat goes on
+    counting the events it handled before, from the time it first started."""
+    write_events(db, [uuid.uuid4()], per_entity=5)
+    relay = start_relay(
+        database_url,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+        OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2,
+    )
+    try:
+        wait_ready(relay)
+        assert wait_until(lambda: pending_count(db) == 0, timeout=20)
+        first = query(db, "SELECT restarts, started_at FROM outbox_relay")
+
+        def restarted_again() -> bool:
+            rows = query(db, "SELECT restarts FROM outbox_relay")
+            return bool(rows) and rows[0][0] >= first[0][0] + 2
+
+        assert wait_until(restarted_again, timeout=30)
+        [(processed, started_at)] = query(
+            db, "SELECT processed_count, started_at FROM outbox_relay"
+        )
+    finally:
+        stop(relay)
+    assert processed == 5
+    assert started_at == first[0][1]
+
+
+def test_a_memory_restart_keeps_the_relay_listed_as_alive(db, database_url):
+    """The heartbeat row stays while the relay restarts in place: health's relays_alive does
+    not drop to 0 at each restart."""
+    relay = start_relay(
+        database_url,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+        OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2,
+    )
+    try:
+        wait_ready(relay)
+        assert wait_until(lambda: query(db, "SELECT restarts FROM outbox_relay"), timeout=20)
+        listed = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = query(db, "SELECT restarts FROM outbox_relay")
+            listed.append(rows[0][0] if rows else None)
+            if listed[-1] is not None and listed[-1] >= 3:
+                break
+            time.sleep(0.01)
+    finally:
+        stop(relay)
+    assert listed[-1] is not None and listed[-1] >= 3, listed[-20:]
+    assert None not in listed, f"the relay was unlisted {listed.count(None)} time(s)"
+
+
+def read_until(process, text: str, timeout: float = 30) -> list[str]:
+    """The process's output lines up to the first that contains `text`."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no {text!r} in the output: {''.join(lines)}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_memory_restart_stops_the_relay_gracefully(db, database_url, signum):
+    """A signal that comes while the relay re-executes itself (its handlers gone, Django
+    starting up again) is kept for the new program: it stops, with exit status 0, instead of
+    dying of the signal's default action (or, as PID 1 in a container, ignoring it)."""
+    relay = start_relay(
+        database_url,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+    )
+    try:
+        wait_ready(relay)
+        # The line logged once the relay has let its signal handlers go, just before the exec
+        read_until(relay, "restart after")
+        relay.send_signal(signum)
+        out, _ = relay.communicate(timeout=20)
+    finally:
+        stop(relay)
+    assert relay.returncode == 0, out
+    assert f"received {signal.Signals(signum).name}" in out, out
+    assert query(db, "SELECT count(*) FROM outbox_relay")[0][0] == 0  # left the live list
+
+
+def test_a_memory_restart_while_the_database_is_gone_waits_for_it(db):
+    """The program that replaces the relay in a restart in place finds the database gone: it
+    retries with backoff instead of exiting, then relays what was written meanwhile."""
+    proxy, proxied = proxied_database()
+    relay = start_relay(
+        proxied,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+    )
+    try:
+        wait_ready(relay)
+        read_until(relay, "restarting in place")
+        proxy.stop()  # the relay is closing its connections; the new program finds none
+        write_events(db, [uuid.uuid4()], per_entity=3)
+        read_until(relay, "database unreachable")
+        time.sleep(1)
+        assert relay.poll() is None
+        proxy.start()
+        assert wait_until(lambda: pending_count(db) == 0, timeout=30)
+        assert relay.poll() is None
+    finally:
+        out = stop(relay)
+        proxy.stop()
+    assert relay.returncode == 0, out
+    assert len(handled_rows(db)) == 3, out
+
+
 def test_terminated_connections_are_restored_with_listen(db, database_url):
     relay = start_relay(database_url, **SLOW_POLLING)
     try:
@@ -401,17 +535,7 @@ def test_the_database_gone_for_seconds_loses_nothing_and_wakeups_come_back(db):
     both of its connections: it retries with backoff, does not crash, then handles what was
     written meanwhile; and, its LISTEN and wake-up lock restored, a later write wakes it (with
     30 s polling only a NOTIFY can get an event handled within seconds)."""
-    from django.db import connection
-
-    from tests.integration.celery_support import TcpProxy
-    from tests.integration.celery_support import database_url as url_of
-
-    settings = connection.settings_dict
-    if str(settings.get("HOST") or "").startswith("/"):
-        pytest.skip("the database server listens on a socket only")
-    proxy = TcpProxy(settings.get("HOST") or "127.0.0.1", int(settings.get("PORT") or 5432))
-    proxy.start()
-    proxied = url_of({**settings, "HOST": "127.0.0.1", "PORT": proxy.port})
+    proxy, proxied = proxied_database()
     relay = start_relay(proxied, **SLOW_POLLING)
     try:
         wait_ready(relay)
