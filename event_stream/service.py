@@ -81,6 +81,8 @@ class OutboxEventService:
             self.settings.interval_max, len(poller.registry), self.settings.ordered,
         )  # fmt: skip
         freeze_loaded_objects()
+        if poller.restarts == 0:
+            warn_if_the_limit_is_below_the_start(poller)
         reason = asyncio.run(self._run(poller))
         logger.info(
             "relay %s %s after %d events (%d failed)",
@@ -120,6 +122,20 @@ class ServicePoller(OutboxPoller):
         if reason is StopReason.RESTART and self.hold_signals_on_restart:
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         return reason
+
+
+def warn_if_the_limit_is_below_the_start(poller: OutboxPoller) -> None:
+    """A memory limit under what the relay takes before any event (Python, Django, the app and
+    its handlers) restarts it at every check, for ever: legal, since no size is right for
+    every app, but surely not meant. Said once, at the first start."""
+    start_mb = poller.memory.current_mb()
+    if start_mb > poller.settings.memory_limit_mb:
+        logger.warning(
+            "memory limit %d MB is below the relay's own size at start (%.0f MB): it will "
+            "restart in place at every memory check; raise OUTBOX_POLLER_MEMORY_LIMIT_MB",
+            poller.settings.memory_limit_mb,
+            start_mb,
+        )
 
 
 def freeze_loaded_objects() -> None:

@@ -340,6 +340,22 @@ def test_a_memory_restart_keeps_the_relay_listed_as_alive(db, database_url):
     assert None not in listed, f"the relay was unlisted {listed.count(None)} time(s)"
 
 
+def test_a_memory_limit_below_the_relays_own_size_is_warned_of_once(db, database_url):
+    relay = start_relay(
+        database_url,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+    )
+    try:
+        lines = read_until(relay, "restart after")  # the first restart
+        lines += read_until(relay, "restart after")  # and the next one
+    finally:
+        stop(relay)
+    warnings = [line for line in lines if "below the relay's own size at start" in line]
+    assert len(warnings) == 1, "".join(lines)
+    assert "OUTBOX_POLLER_MEMORY_LIMIT_MB" in warnings[0]
+
+
 def read_until(process, text: str, timeout: float = 30) -> list[str]:
     """The process's output lines up to the first that contains `text`."""
     deadline = time.monotonic() + timeout
