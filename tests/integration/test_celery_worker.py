@@ -6,6 +6,7 @@ handlers of `celery_worker_handlers` imported (`-I`), each leaving a trace file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -259,6 +260,22 @@ def _through(url: str, proxy: TcpProxy) -> str:
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
 
+@contextlib.contextmanager
+def _proxied_worker(broker_url, database_url, record_dir, log_dir):
+    """A worker whose database connections go through a proxy the test stops for an outage."""
+    proxy = TcpProxy(*_tcp_port(database_url)).start()
+    try:
+        with running_worker(
+            broker_url=broker_url,
+            database_url=_through(database_url, proxy),
+            record_dir=record_dir,
+            log_dir=log_dir,
+        ) as worker:
+            yield worker, proxy
+    finally:
+        proxy.stop()
+
+
 def _wait_dead_lettered(row, timeout):
     def dead_lettered():
         row.refresh_from_db()
@@ -313,38 +330,29 @@ def test_a_dead_letter_the_database_does_not_take_is_recorded_later(
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     row, event = published_outbox_event()
-    proxy = TcpProxy(*_tcp_port(test_database_url)).start()
-    try:
-        with running_worker(
-            broker_url=broker_url,
-            database_url=_through(test_database_url, proxy),
-            record_dir=record_dir,
-            log_dir=tmp_path,
-        ) as worker:
-            hold = record_dir / f"hold.{event['event_id']}.3"
-            hold.touch()
-            with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
-                publisher.publish([("test.fails_when_told", event)])
-            # Given the last run (OUTBOX_CELERY_MAX_RETRIES=2: the third) under way
-            assert wait_until(
-                lambda: len(runs(record_dir, "test.fails_when_told", event["event_id"])) == 3,
-                timeout=30,
-            ), worker.log()[-3000:]
-            # When it fails with the database gone
-            proxy.stop()
-            hold.unlink()
-            assert wait_until(lambda: "keeping the task to record it later" in worker.log())
-            row.refresh_from_db()
-            assert row.failed_at is None
-            # Then, once the database is back, the failure is recorded
-            proxy.start()
-            assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
-            assert row.last_error == "test.fails_when_told: RuntimeError: told to fail"
-            # the run kept for later ran the handler once more: four runs, four attempts
-            assert len(runs(record_dir, "test.fails_when_told", event["event_id"])) == 4
-            assert row.attempts == 4
-    finally:
+    with _proxied_worker(broker_url, test_database_url, record_dir, tmp_path) as (worker, proxy):
+        hold = record_dir / f"hold.{event['event_id']}.3"
+        hold.touch()
+        with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
+            publisher.publish([("test.fails_when_told", event)])
+        # Given the last run (OUTBOX_CELERY_MAX_RETRIES=2: the third) under way
+        assert wait_until(
+            lambda: len(runs(record_dir, "test.fails_when_told", event["event_id"])) == 3,
+            timeout=30,
+        ), worker.log()[-3000:]
+        # When it fails with the database gone
         proxy.stop()
+        hold.unlink()
+        assert wait_until(lambda: "keeping the task to record it later" in worker.log())
+        row.refresh_from_db()
+        assert row.failed_at is None
+        # Then, once the database is back, the failure is recorded
+        proxy.start()
+        assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+        assert row.last_error == "test.fails_when_told: RuntimeError: told to fail"
+        # the run kept for later ran the handler once more: four runs, four attempts
+        assert len(runs(record_dir, "test.fails_when_told", event["event_id"])) == 4
+        assert row.attempts == 4
 
 
 # -- messages the worker cannot run -----------------------------------------------------------
@@ -392,31 +400,22 @@ def test_a_missing_handlers_dead_letter_the_database_does_not_take_is_recorded_l
     broker_url, test_database_url, record_dir, tmp_path
 ):
     row, event = published_outbox_event()
-    proxy = TcpProxy(*_tcp_port(test_database_url)).start()
-    try:
-        with running_worker(
-            broker_url=broker_url,
-            database_url=_through(test_database_url, proxy),
-            record_dir=record_dir,
-            log_dir=tmp_path,
-        ) as worker:
-            # Given the database gone
-            proxy.stop()
-            # When the worker gets a task for a handler it does not have
-            with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
-                publisher.publish([("test.deployed_late", event)])
-            # Then the message is kept
-            assert wait_until(lambda: "keeping the task to record it later" in worker.log()), (
-                worker.log()[-3000:]
-            )
-            row.refresh_from_db()
-            assert row.failed_at is None
-            # And, once the database is back, the row is dead-lettered
-            proxy.start()
-            assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
-            assert row.last_error.startswith("test.deployed_late: NotRegistered:")
-    finally:
+    with _proxied_worker(broker_url, test_database_url, record_dir, tmp_path) as (worker, proxy):
+        # Given the database gone
         proxy.stop()
+        # When the worker gets a task for a handler it does not have
+        with CeleryPublisher(make_app(broker_url), queue=worker.queue) as publisher:
+            publisher.publish([("test.deployed_late", event)])
+        # Then the message is kept
+        assert wait_until(lambda: "keeping the task to record it later" in worker.log()), (
+            worker.log()[-3000:]
+        )
+        row.refresh_from_db()
+        assert row.failed_at is None
+        # And, once the database is back, the row is dead-lettered
+        proxy.start()
+        assert _wait_dead_lettered(row, timeout=30), worker.log()[-3000:]
+        assert row.last_error.startswith("test.deployed_late: NotRegistered:")
 
 
 def test_event_data_lacking_fields_dead_letters_its_row_without_running_the_handler(
