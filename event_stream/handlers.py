@@ -36,6 +36,39 @@ def default_name(func: HandlerFunc) -> str:
     return f"{func.__module__}.{func.__qualname__}"
 
 
+def checked_patterns(patterns: Iterable[str] | str) -> tuple[str, ...]:
+    """The patterns as a tuple, refused at registration when one is not a pattern: a list
+    inside the arguments would otherwise raise in the relay on every batch, and a bare
+    `@handler` (the function taken as a pattern) would register nothing, silently."""
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    if not patterns:
+        raise ValueError("a handler needs at least one event-type pattern")
+    for pattern in patterns:
+        if callable(pattern):
+            raise TypeError(
+                f"{pattern!r} given as an event-type pattern: write @handler() or "
+                f"@handler('issue.*'), not a bare @handler"
+            )
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"an event-type pattern is a non-empty string, got {pattern!r}")
+    return patterns
+
+
+def _merged_registration(
+    existing: Handler, func: HandlerFunc, patterns: tuple[str, ...], dispatch: Dispatch
+) -> tuple[str, ...]:
+    """The patterns of a name registered again: the same function adds its new patterns, so
+    that `add_handler(fn)` after `@handler("issue.*")` on fn does not silently drop events the
+    first registration asked for. `==`, not `is`: a bound method is a new object each time."""
+    if existing.func != func:
+        raise ValueError(f"another handler is already registered as {existing.name!r}")
+    if existing.dispatch != dispatch:
+        raise ValueError(
+            f"{existing.name!r} is already registered with dispatch={existing.dispatch!r}"
+        )
+    return existing.patterns + tuple(p for p in patterns if p not in existing.patterns)
+
+
 class HandlerRegistry:
     """Handlers by name, and the handlers of each event type (cached: the relay asks per event)."""
 
@@ -56,13 +89,12 @@ class HandlerRegistry:
             raise TypeError(f"handler must be callable, got {func!r}")
         if dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
-        patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-        if not patterns:
-            raise ValueError("a handler needs at least one event-type pattern")
-        handler = Handler(name or default_name(func), func, patterns, dispatch)
-        existing = self._by_name.get(handler.name)
-        if existing is not None and existing.func is not func:
-            raise ValueError(f"another handler is already registered as {handler.name!r}")
+        patterns = checked_patterns(patterns)
+        name = name or default_name(func)
+        existing = self._by_name.get(name)
+        if existing is not None:
+            patterns = _merged_registration(existing, func, patterns, dispatch)
+        handler = Handler(name, func, patterns, dispatch)
         self._by_name[handler.name] = handler
         self._by_event_type.clear()
         self._route_by_event_type.clear()
@@ -109,8 +141,10 @@ def handler(
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Register a function in the application's registry: `@handler("issue.*")`."""
 
+    patterns = checked_patterns(patterns or ("*",))
+
     def register(func: HandlerFunc) -> HandlerFunc:
-        registry.add(func, patterns or ("*",), name=name, dispatch=dispatch)
+        registry.add(func, patterns, name=name, dispatch=dispatch)
         return func
 
     return register

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -32,72 +33,10 @@ logger = logging.getLogger("plane.handlers")
 
 WEBHOOK_URL_VARIABLE = "PLANE_WEBHOOK_URL"
 WEBHOOK_TIMEOUT = 5.0  # seconds; the relay retries a delivery that timed out
-
-
-# -- webhook ------------------------------------------------------------------------------------
-
-
-class WebhookError(Exception):
-    """The receiver did not accept the delivery; the relay retries the event."""
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is not an acceptance: urllib would turn the POST into a GET without a body."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
-
-
-def webhook_body(event: EventData) -> dict:
-    payload = event["payload"]
-    return {
-        "event_id": event["event_id"],
-        "event_type": event["event_type"],
-        "data": payload.get("data"),
-        "previous_attributes": payload.get("previous_attributes", {}),
-    }
-
-
-@handler("issue.created", "issue.updated", name="plane.webhook")
-def send_webhook(event: EventData) -> None:
-    """POST the change as JSON to `PLANE_WEBHOOK_URL` (read when called; unset: no webhook)."""
-    url = os.environ.get(WEBHOOK_URL_VARIABLE, "").strip()
-    if not url:
-        return
-    if WebhookDelivery.objects.filter(event_id=event["event_id"]).exists():
-        return
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(webhook_body(event)).encode(),
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            # Receivers deduplicate on it: a crash between the POST and the record below
-            # means the event is sent again.
-            "X-Event-Id": event["event_id"],
-            "X-Event-Type": event["event_type"],
-        },
-    )
-    try:
-        with _opener.open(request, timeout=WEBHOOK_TIMEOUT) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:  # 4xx, 5xx, and the redirects refused above
-        exc.close()
-        raise WebhookError(f"{url} answered {exc.code} {exc.reason}") from None
-    if not 200 <= status < 300:
-        raise WebhookError(f"{url} answered {status}")
-    WebhookDelivery.objects.get_or_create(
-        event_id=event["event_id"],
-        defaults={
-            "event_type": event["event_type"],
-            "entity_id": event["entity_id"],
-            "url": url,
-            "status_code": status,
-        },
-    )
+# After the receiver did not answer (timed out, refused, unreachable), deliveries to it fail at
+# once for this long instead of each waiting out its own timeout: the webhook runs inline, so
+# every event of a batch would otherwise hold the relay, and every other handler, that long.
+RECEIVER_DOWN_PAUSE = 30.0  # seconds
 
 
 # -- search index --------------------------------------------------------------------------------
@@ -154,6 +93,92 @@ def update_search_index(event: EventData) -> None:
                 event["id"],
             ],
         )
+
+
+# -- webhook ------------------------------------------------------------------------------------
+
+
+class WebhookError(Exception):
+    """The receiver did not accept the delivery; the relay retries the event."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is not an acceptance: urllib would turn the POST into a GET without a body."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def webhook_body(event: EventData) -> dict:
+    payload = event["payload"]
+    return {
+        "event_id": event["event_id"],
+        "event_type": event["event_type"],
+        "data": payload.get("data"),
+        "previous_attributes": payload.get("previous_attributes", {}),
+    }
+
+
+# Receiver URL -> time.monotonic() until which it counts as down (see RECEIVER_DOWN_PAUSE).
+_receiver_down_until: dict[str, float] = {}
+
+
+def _refuse_while_down(url: str) -> None:
+    down_until = _receiver_down_until.get(url)
+    if down_until is None:
+        return
+    left = down_until - time.monotonic()
+    if left > 0:
+        raise WebhookError(f"{url} did not answer lately; not tried again for {left:.0f} s")
+    del _receiver_down_until[url]
+
+
+# Registered after the search index, so that a receiver that is down fails an event only after
+# the local, idempotent handler has applied it.
+@handler("issue.created", "issue.updated", "issue.deleted", name="plane.webhook")
+def send_webhook(event: EventData) -> None:
+    """POST the change as JSON to `PLANE_WEBHOOK_URL` (read when called; unset: no webhook)."""
+    url = os.environ.get(WEBHOOK_URL_VARIABLE, "").strip()
+    if not url:
+        return
+    if WebhookDelivery.objects.filter(event_id=event["event_id"]).exists():
+        return
+    _refuse_while_down(url)
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(webhook_body(event)).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            # Receivers deduplicate on it: a crash between the POST and the record below
+            # means the event is sent again.
+            "X-Event-Id": event["event_id"],
+            "X-Event-Type": event["event_type"],
+        },
+    )
+    try:
+        with _opener.open(request, timeout=WEBHOOK_TIMEOUT) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:  # 4xx, 5xx, and the redirects refused above
+        exc.close()
+        raise WebhookError(f"{url} answered {exc.code} {exc.reason}") from None
+    except OSError:  # no answer: timed out, refused, unreachable (URLError is an OSError)
+        _receiver_down_until[url] = time.monotonic() + RECEIVER_DOWN_PAUSE
+        raise
+    if not 200 <= status < 300:
+        raise WebhookError(f"{url} answered {status}")
+    WebhookDelivery.objects.get_or_create(
+        event_id=event["event_id"],
+        defaults={
+            "event_type": event["event_type"],
+            "entity_id": event["entity_id"],
+            "url": url,
+            "status_code": status,
+        },
+    )
 
 
 # -- assignee notifications ----------------------------------------------------------------------

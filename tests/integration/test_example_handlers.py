@@ -11,13 +11,17 @@ import http.server
 import json
 import socket
 import threading
+import time
 
 import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
+from event_stream.dispatch import BatchRunner, RetryPolicy
+from event_stream.events import iso_utc
 from event_stream.handlers import registry
 from event_stream.models import Outbox
+from plane import handlers as plane_handlers
 from plane.handlers import (
     WebhookError,
     notify_assignee,
@@ -50,6 +54,19 @@ def snapshot(model) -> list[tuple]:
     return list(model.objects.order_by("pk").values_list())
 
 
+def claimed_row(row: Outbox) -> tuple:
+    """The row as the relay's claim returns it (ids, payload and time as text)."""
+    return (row.id, str(row.event_id), row.event_type, row.entity_type, str(row.entity_id),
+            json.dumps(row.payload), iso_utc(row.created_at), row.attempts)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_receiver_known_down():
+    plane_handlers._receiver_down_until.clear()
+    yield
+    plane_handlers._receiver_down_until.clear()
+
+
 class TestRegistration:
     def test_plane_handlers_are_in_the_application_registry(self):
         def names(event_type):
@@ -57,10 +74,33 @@ class TestRegistration:
 
         assert {"plane.webhook", "plane.search_index"} <= names("issue.created")
         assert {"plane.webhook", "plane.search_index"} <= names("issue.updated")
-        assert "plane.search_index" in names("issue.deleted")
-        assert "plane.webhook" not in names("issue.deleted")
+        assert {"plane.webhook", "plane.search_index"} <= names("issue.deleted")
         assert "plane.notify_assignee" in names("issue_assignee.created")
         assert all(registry.get(n).dispatch == "inline" for n in names("issue.created"))
+
+    def test_the_search_index_runs_before_the_webhook(self):
+        assert [h.name for h in registry.for_event("issue.updated")][:2] == [
+            "plane.search_index",
+            "plane.webhook",
+        ]
+
+    def test_while_the_webhook_receiver_is_down_the_search_index_still_applies(
+        self, project, monkeypatch
+    ):
+        for name in ("one", "two", "three"):
+            issue_for(project, name=name).save()
+        rows = [claimed_row(r) for r in Outbox.objects.order_by("id")]
+
+        with refusing_port() as port:
+            monkeypatch.setenv("PLANE_WEBHOOK_URL", f"http://127.0.0.1:{port}/")
+            outcome = BatchRunner(registry, RetryPolicy(10, 1.0, 300.0)).run(rows)
+
+        assert [event_id for event_id, _delay, _error in outcome.retries] == [r[0] for r in rows]
+        assert sorted(SearchDocument.objects.values_list("title", flat=True)) == [
+            "one",
+            "three",
+            "two",
+        ]
 
 
 class TestSearchIndex:
@@ -139,6 +179,45 @@ class TestSearchIndex:
         doc = SearchDocument.objects.get(issue_id=issue.id)
         assert doc.deleted is True
         assert doc.last_event_id == deleted["id"]
+
+    def test_a_late_update_after_the_delete_leaves_the_document_deleted(self, project):
+        issue = issue_for(project, name="Doomed")
+        issue.save()
+        issue.name = "Renamed"
+        issue.save()
+        issue.deleted_at = timezone.now()
+        issue.save()
+        (created,), (updated,), (deleted,) = map(
+            captured, ("issue.created", "issue.updated", "issue.deleted")
+        )
+
+        # Unordered delivery (OUTBOX_POLLER_ORDERED=false, or a replay): the update comes last
+        for event in (created, deleted, updated):
+            update_search_index(event)
+
+        doc = SearchDocument.objects.get(issue_id=issue.id)
+        assert doc.deleted is True
+        assert doc.last_event_id == deleted["id"]
+
+    def test_a_restored_issue_is_searchable_again_with_what_changed_in_the_bin(self, project):
+        issue = issue_for(project, name="Doomed")
+        issue.save()
+        issue.deleted_at = timezone.now()
+        issue.save()
+        issue.name = "Renamed in the bin"  # emits nothing: the row stays soft-deleted
+        issue.save()
+        issue.deleted_at = None
+        issue.save()
+        first, restored = captured("issue.created")
+        assert "deleted_at" in restored["payload"]["previous_attributes"]
+
+        for event in (first, *captured("issue.deleted"), restored, restored):
+            update_search_index(event)
+
+        doc = SearchDocument.objects.get(issue_id=issue.id)
+        assert doc.deleted is False
+        assert doc.title == "Renamed in the bin"
+        assert doc.last_event_id == restored["id"]
 
     def test_bulk_update_events_each_update_their_document(self, project):
         Issue.objects.bulk_create(issue_for(project, name=f"i{n}") for n in range(20))
@@ -274,6 +353,24 @@ class TestWebhook:
         assert [str(d.event_id) for d in deliveries] == [e["event_id"] for e in events]
         assert {d.status_code for d in deliveries} == {200}
 
+    def test_a_restore_is_posted_as_a_second_created_of_the_same_issue(self, project, receiver):
+        issue = issue_for(project)
+        issue.save()
+        issue.deleted_at = timezone.now()
+        issue.save()
+        issue.deleted_at = None
+        issue.save()
+        events = captured("issue.created")
+
+        for event in events + events:
+            send_webhook(event)
+
+        first, restored = (request["body"] for request in receiver.requests)
+        assert first["data"]["id"] == restored["data"]["id"] == str(issue.id)
+        assert first["event_id"] != restored["event_id"]
+        assert list(restored["previous_attributes"]) == ["deleted_at"]
+        assert WebhookDelivery.objects.count() == 2
+
     @pytest.mark.parametrize("status", [500, 404, 302])
     def test_refused_delivery_raises_and_is_retried_later(self, project, receiver, status):
         issue_for(project).save()
@@ -299,6 +396,55 @@ class TestWebhook:
                 send_webhook(created)
         assert WebhookDelivery.objects.count() == 0
 
+    def test_a_delete_is_posted(self, project, receiver):
+        issue = issue_for(project, name="Doomed")
+        issue.save()
+        issue.deleted_at = timezone.now()
+        issue.save()
+        (deleted,) = captured("issue.deleted")
+
+        send_webhook(deleted)
+        send_webhook(deleted)
+
+        (request,) = receiver.requests
+        assert request["body"]["event_type"] == "issue.deleted"
+        assert request["body"]["data"]["id"] == str(issue.id)
+        assert request["body"]["data"]["deleted_at"] is not None
+        assert list(request["body"]["previous_attributes"]) == ["deleted_at"]
+
+    def test_a_receiver_that_does_not_answer_fails_the_next_deliveries_at_once(
+        self, project, monkeypatch
+    ):
+        monkeypatch.setattr(plane_handlers, "WEBHOOK_TIMEOUT", 0.5)
+        for _ in range(4):
+            issue_for(project).save()
+        events = captured("issue.created")
+
+        with silent_port() as port:
+            monkeypatch.setenv("PLANE_WEBHOOK_URL", f"http://127.0.0.1:{port}/")
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                send_webhook(events[0])
+            for event in events[1:]:
+                with pytest.raises(WebhookError, match="did not answer lately"):
+                    send_webhook(event)
+            elapsed = time.monotonic() - started
+
+        # One timeout, not one per event: inline, each would hold the relay and its handlers.
+        assert 0.5 <= elapsed < 0.9
+        assert WebhookDelivery.objects.count() == 0
+
+    def test_a_receiver_known_down_is_tried_again_after_the_pause(self, project, receiver):
+        issue_for(project).save()
+        (created,) = captured("issue.created")
+        url = f"http://127.0.0.1:{receiver.server_port}/hooks/plane"
+        plane_handlers._receiver_down_until[url] = time.monotonic() - 0.1
+
+        send_webhook(created)
+
+        assert len(receiver.requests) == 1
+        assert url not in plane_handlers._receiver_down_until
+
     def test_without_url_nothing_is_sent(self, project, monkeypatch):
         monkeypatch.delenv("PLANE_WEBHOOK_URL", raising=False)
         issue_for(project).save()
@@ -314,4 +460,13 @@ def refusing_port():
     """A local port nothing listens on (bound, never listening), for the block's lifetime."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_port():
+    """A local port that takes connections and never answers, for the block's lifetime."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
         yield sock.getsockname()[1]

@@ -345,3 +345,112 @@ def test_ctrl_c_in_a_handler_run_in_the_main_thread_still_stops_the_caller():
 
     with pytest.raises(KeyboardInterrupt):
         runner(registry).run([row(1)])
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+def test_the_same_function_registered_again_keeps_its_earlier_patterns():
+    seen = []
+
+    def audit(event):
+        seen.append(event["event_type"])
+
+    registry = HandlerRegistry()
+    registry.add(audit, "issue.*")
+    registry.add(audit, "cycle.*")
+    registry.add(audit, "issue.*")
+
+    runner(registry).run([row(1), row(2, Y, event_type="cycle.created")])
+
+    assert seen == ["issue.updated", "cycle.created"]
+    assert len(registry) == 1
+
+
+def test_the_same_function_cannot_change_its_dispatch_by_registering_again():
+    def audit(event):
+        pass
+
+    registry = HandlerRegistry()
+    registry.add(audit, "issue.*")
+    with pytest.raises(ValueError, match="already registered with dispatch='inline'"):
+        registry.add(audit, "issue.*", dispatch="celery")
+
+
+def test_a_bound_method_can_be_registered_again():
+    class Indexer:
+        def handle(self, event):
+            pass
+
+    indexer = Indexer()
+    registry = HandlerRegistry()
+    registry.add(indexer.handle, "issue.*", name="indexer")
+
+    registry.add(indexer.handle, "cycle.*", name="indexer")
+
+    assert registry.get("indexer").patterns == ("issue.*", "cycle.*")
+
+
+@pytest.mark.parametrize("patterns", [[["issue.created"]], [None], [""], [("issue.*",)]])
+def test_a_pattern_that_is_not_a_string_is_refused_at_registration(patterns):
+    registry = HandlerRegistry()
+    with pytest.raises(TypeError, match="pattern"):
+        registry.add(lambda e: None, patterns, name="x")
+    assert len(registry) == 0
+
+
+def test_a_bare_handler_decorator_is_refused_rather_than_registering_nothing():
+    from event_stream.handlers import handler
+
+    def index_issue(event):
+        pass
+
+    with pytest.raises(TypeError, match="not a bare @handler"):
+        handler(index_issue)
+
+
+# -- what each handler gets --------------------------------------------------------------------
+
+
+def test_what_a_handler_changes_in_event_data_reaches_no_other_handler():
+    def mutate(event):
+        event["payload"]["data"]["n"] = "changed"
+        event["payload"].pop("previous_attributes", None)
+        event["event_type"] = "changed"
+
+    seen = []
+    registry = HandlerRegistry()
+    registry.add(mutate, name="mutate")
+    registry.add(seen.append, name="read")
+    claimed = with_payload(row(1), '{"data": {"n": 1}, "previous_attributes": {"n": 0}}')
+
+    assert runner(registry).run([claimed]).processed == [1]
+
+    (event,) = seen
+    assert event["event_type"] == "issue.updated"
+    assert event["payload"] == {"data": {"n": 1}, "previous_attributes": {"n": 0}}
+
+
+def test_what_an_inline_handler_changes_reaches_no_celery_message():
+    from event_stream.celery_dispatch import _task_body
+
+    class EncodingPublisher(RecordingPublisher):
+        def publish(self, messages):
+            self.bodies = [json.loads(_task_body(h.name, e)) for h, e in messages]
+
+    def parse_created_at(event):
+        # A value JSON cannot encode: in the message, it failed the publish of every batch.
+        event["created_at"] = datetime.datetime.fromisoformat(event["created_at"])
+        event["payload"]["data"]["n"] = "changed"
+
+    publisher = EncodingPublisher()
+    registry = HandlerRegistry()
+    registry.add(parse_created_at, name="parse")
+    registry.add(lambda e: None, name="remote", dispatch="celery")
+
+    outcome = runner(registry, publisher=publisher).run([row(1)])
+
+    assert outcome.publish_error is None and outcome.processed == [1]
+    ((_name, event), _kwargs, _embed) = publisher.bodies[0]
+    assert event["created_at"] == NOW.isoformat()
+    assert event["payload"] == {"data": {"n": 1}}
