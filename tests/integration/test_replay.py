@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import re
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from event_stream.management.commands.outbox_replay import Command
 from event_stream.models import Outbox
 from event_stream.replay import replay_failed
+from tests.integration.test_status import run_against_a_closed_port
 
 pytestmark = pytest.mark.django_db
 
@@ -100,7 +104,7 @@ def run_from_argv(monkeypatch):
 
 class TestCommand:
     def test_by_id(self, rows, capsys):
-        call_command("outbox_replay", "--id", str(rows["failed_old"].id), "--id", "999999")
+        call_command("outbox_replay", "--id", str(rows["failed_old"].id))
         assert capsys.readouterr().out.strip() == "replayed 1 failed event(s)"
         assert state(rows["failed_old"]) == "pending"
 
@@ -146,3 +150,61 @@ class TestCommand:
             run_from_argv("--everything")
         assert exit_info.value.code == 2
         assert "unrecognized arguments: --everything" in capsys.readouterr().err
+
+
+class TestLargeReplays:
+    """Millions of failed rows: a chunk of ids at a time, each its own short UPDATE."""
+
+    def updates(self, queries) -> list[str]:
+        return [q["sql"] for q in queries if q["sql"].startswith("UPDATE")]
+
+    def test_a_replay_by_filter_updates_a_chunk_at_a_time(self):
+        failed = [add(failed_days_ago=days) for days in (5, 4, 3, 2, 1)]
+        with CaptureQueriesContext(connection) as queries:
+            assert replay_failed(all=True, chunk_size=2) == 5
+        updates = self.updates(queries)
+        assert len(updates) == 3, updates
+        assert all(len(re.findall(r"\d+", u.split(" IN (")[1].split(")")[0])) <= 2 for u in updates)
+        assert {state(row) for row in failed} == {"pending"}
+
+    def test_a_replay_by_ids_updates_a_chunk_at_a_time(self, rows):
+        ids = [r.id for r in rows.values()] + [999_999]
+        with CaptureQueriesContext(connection) as queries:
+            assert replay_failed(ids=ids, chunk_size=2) == 3
+        # six ids, two per chunk; the last chunk (processed, 999999) holds no failed row
+        assert len(self.updates(queries)) == 2
+        assert state(rows["processed"]) == "processed"
+
+
+class TestCommandOnRowsThatAreNotFailed:
+    def test_ids_not_replayed_are_named_and_the_exit_status_is_1(self, rows, capsys, run_from_argv):
+        argv = ["--id", str(rows["failed_old"].id), "--id", str(rows["processed"].id)]
+        argv += ["--id", str(rows["pending"].id), "--id", "999999"]
+        with pytest.raises(SystemExit) as exit_info:
+            run_from_argv(*argv)
+        assert exit_info.value.code == 1
+        captured = capsys.readouterr()
+        assert captured.out.strip() == "replayed 1 failed event(s)"
+        assert captured.err.count("\n") == 1
+        assert (
+            f"not replayed: #{rows['pending'].id} (pending), #{rows['processed'].id} (processed), "
+            f"#999999 (no such event)" in captured.err
+        )
+        assert state(rows["failed_old"]) == "pending"
+        assert state(rows["processed"]) == "processed"
+
+    def test_a_failed_id_left_out_by_a_filter_is_named(self, rows, capsys, run_from_argv):
+        row = rows["failed_by_celery"]  # cycle.created
+        with pytest.raises(SystemExit) as exit_info:
+            run_from_argv("--id", str(row.id), "--type", "issue.updated")
+        assert exit_info.value.code == 1
+        assert "(failed, but not selected by --type/--since/--until)" in capsys.readouterr().err
+        assert state(row) == "failed"
+
+
+@pytest.mark.django_db(False)
+def test_a_database_that_does_not_answer_is_one_line_and_exit_status_1():
+    result = run_against_a_closed_port("outbox_replay", "--all")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("CommandError: database unavailable: "), result.stderr

@@ -5,7 +5,9 @@
     outbox_replay --all
 
 Filters combine (AND); --since/--until bound when the events failed. Bad input: one line on
-stderr and exit status 2.
+stderr and exit status 2. An --id that was not replayed (no such event, not failed, or left out
+by another filter) is named on stderr, and the exit status is 1; so is a database that does
+not answer.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import datetime
 
 from django.core.management.base import CommandError
+from django.db import DatabaseError
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from event_stream.management.errors import database_unavailable
 from event_stream.management.parsing import StrictFlagsCommand
-from event_stream.replay import replay_failed
+from event_stream.models import Outbox
+from event_stream.replay import failed_rows, replay_failed
 
 
 def _bad(message: str) -> CommandError:
@@ -88,7 +93,27 @@ class Command(StrictFlagsCommand):
             raise _bad("--all replays every failed event: combine it with no other filter")
         if not (options["all"] or ids or event_type or since or until):
             raise _bad("say what to replay: --id N, --type T, --since/--until ISO, or --all")
-        count = replay_failed(
-            ids=ids or None, event_type=event_type, since=since, until=until, all=options["all"]
-        )
+        filters = {"event_type": event_type, "since": since, "until": until}
+        try:
+            # Looked up before the replay, which makes the replayed rows pending like others.
+            left_out = not_selected(ids, filters) if ids else {}
+            count = replay_failed(ids=ids or None, all=options["all"], **filters)
+        except DatabaseError as exc:
+            raise database_unavailable(exc) from exc
         self.stdout.write(f"replayed {count} failed event(s)")
+        if left_out:
+            raise CommandError(f"not replayed: {describe(left_out)}", returncode=1)
+
+
+def not_selected(ids: list[int], filters: dict) -> dict[int, str]:
+    """The given ids the replay will not put back, each with why (its state, or "no such
+    event"); the ids of a command line are few, so one lookup is enough."""
+    selected = set(failed_rows(ids=ids, **filters).values_list("id", flat=True))
+    rows = Outbox.objects.filter(id__in=set(ids) - selected)
+    found = {row.id: row.state for row in rows.only("processed_at", "failed_at")}
+    return {i: found.get(i, "no such event") for i in sorted(set(ids) - selected)}
+
+
+def describe(left_out: dict[int, str]) -> str:
+    why = {"failed": "failed, but not selected by --type/--since/--until"}
+    return ", ".join(f"#{i} ({why.get(state, state)})" for i, state in left_out.items())

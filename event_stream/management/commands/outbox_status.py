@@ -2,14 +2,23 @@
 
 Sections: health, queue depth by event type, failed events with their last error, processing
 rate (last minute, last hour), latency (processed_at - created_at: average and p99, last hour),
-and the relays with their heartbeats.
+and the relays with their heartbeats. A database that does not answer: one line on stderr,
+exit status 1.
 """
 
 from __future__ import annotations
 
-from django.utils import timezone
+from django.db import DatabaseError
 
-from event_stream.health import FAILED_SHOWN, RELAY_ALIVE_SECONDS, StatusReport, status_report
+from event_stream.health import (
+    COUNT_CAP,
+    FAILED_SHOWN,
+    PENDING_BY_TYPE_CAP,
+    RELAY_ALIVE_SECONDS,
+    StatusReport,
+    status_report,
+)
+from event_stream.management.errors import database_unavailable
 from event_stream.management.parsing import StrictFlagsCommand
 
 
@@ -32,7 +41,6 @@ def _one_line(text: str | None, width: int = 100) -> str:
 
 def render(report: StatusReport) -> list[str]:
     h = report.health
-    now = timezone.now()
     lines = [
         "Health",
         f"  status: {h.status} (queue_health: {h.queue_health})",
@@ -43,7 +51,8 @@ def render(report: StatusReport) -> list[str]:
         f"  last processed at: {_when(h.last_processed_at)}",
         f"  relays alive: {h.relays_alive}",
         "",
-        "Queue depth by event type",
+        "Queue depth by event type"
+        + (f" (the oldest {PENDING_BY_TYPE_CAP} pending)" if report.pending_by_type_capped else ""),
     ]
     lines += [f"  {t:<40} {n:>10}" for t, n in report.pending_by_type] or ["  (none pending)"]
     lines += ["", f"Failed events (latest {FAILED_SHOWN})"]
@@ -53,13 +62,21 @@ def render(report: StatusReport) -> list[str]:
         for f in report.failed
     ] or ["  (none)"]
     minute, hour = report.processed_last_minute, report.processed_last_hour
+    # A count that reached the cap is a lower bound: "1000000+ (277.8+/s)".
+    at_least = "+" if report.processed_counts_capped else ""
+    minute_capped = "+" if minute >= COUNT_CAP else ""
     lines += [
         "",
         "Processing rate",
-        f"  last minute: {minute} ({minute / 60:.1f}/s)",
-        f"  last hour: {hour} ({hour / 3600:.1f}/s)",
+        f"  last minute: {minute}{minute_capped} ({minute / 60:.1f}{minute_capped}/s)",
+        f"  last hour: {hour}{at_least} ({hour / 3600:.1f}{at_least}/s)",
         "",
-        "Latency (processed_at - created_at, events processed in the last hour)",
+        "Latency (processed_at - created_at, "
+        + (
+            f"the latest {report.latency_sample} events processed in the last hour)"
+            if report.latency_sample < hour
+            else "events processed in the last hour)"
+        ),
         f"  average: {_seconds(report.latency_avg_seconds)}",
         f"  p99: {_seconds(report.latency_p99_seconds)}",
     ]
@@ -67,7 +84,7 @@ def render(report: StatusReport) -> list[str]:
     lines += ["", f"Relays (alive: heartbeat within {RELAY_ALIVE_SECONDS} s)"]
     lines += [
         f"  {r['hostname']}:{r['pid']} {'alive' if r['alive'] else 'GONE'}"
-        f", last seen {_seconds((now - r['last_seen_at']).total_seconds())} ago"
+        f", last seen {_seconds(r['seen_seconds_ago'])} ago"
         f", started {_when(r['started_at'])}, processed {r['processed_count']}"
         f", failed {r['failed_count']}, memory {r['memory_mb']:.0f} MB, restarts {r['restarts']}"
         for r in report.relays
@@ -79,5 +96,9 @@ class Command(StrictFlagsCommand):
     help = "Report the event stream's queue depth, failures, processing rate, latency and relays."
 
     def handle(self, *args, **options):
-        for line in render(status_report()):
+        try:
+            report = status_report()
+        except DatabaseError as exc:
+            raise database_unavailable(exc) from exc
+        for line in render(report):
             self.stdout.write(line)
