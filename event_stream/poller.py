@@ -169,7 +169,7 @@ class OutboxPoller:
             if close_publisher is not None:
                 close_publisher()
             await self._hand_over_wakeups()
-            if reason is not StopReason.RESTART:
+            if reason is not StopReason.RESTART or self.stopping:
                 # A restart in place is the same relay going on (same id): its heartbeat row
                 # stays, and health does not count it gone while it restarts.
                 await self._say_goodbye()
@@ -426,6 +426,12 @@ class OutboxPoller:
         except Exception as exc:
             logger.warning("could not hand over wake-ups: %s: %s", type(exc).__name__, exc)
 
+    async def unlist(self) -> None:
+        """Leave the list of live relays after `run` returned to restart in place, when a stop
+        came after all (see run_until_signalled): no restart will take the heartbeat on."""
+        await self._say_goodbye()
+        await self.db.close()
+
     async def _say_goodbye(self) -> None:
         """A relay that stops cleanly leaves the list of live relays at once.
 
@@ -561,7 +567,9 @@ async def run_until_signalled(poller: OutboxPoller, *, install_signal_handlers: 
         reason = await main
         if reason is StopReason.RESTART and received:
             # The signal came after the loop chose to restart (while it closed its
-            # connections): a restart in place would forget it, so the stop wins.
+            # connections): a restart in place would forget it, so the stop wins, and the
+            # relay leaves the live list as a stopping relay does.
+            await poller.unlist()
             return StopReason.STOPPED
         return reason
     except asyncio.CancelledError:

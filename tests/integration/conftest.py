@@ -29,3 +29,13 @@ def project():
     project = make_project()
     Outbox.objects.all().delete()
     return project
+
+
+@pytest.fixture
+def conn(conninfo):
+    """An autocommit psycopg connection to the test database, its outbox emptied (ids from 1)."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("TRUNCATE outbox RESTART IDENTITY")
+        yield conn

@@ -38,13 +38,6 @@ def claim(conninfo, batch_size):
     return asyncio.run(go())
 
 
-@pytest.fixture
-def conn(conninfo):
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute("TRUNCATE outbox RESTART IDENTITY")
-        yield conn
-
-
 def test_a_retrying_head_blocks_only_its_entity_even_behind_many_followers(conn, conninfo):
     # Given entity X whose first event waits for a retry, with 30 followers written before Y's
     hot, other = uuid.uuid4(), uuid.uuid4()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import psycopg
 import pytest
 
 from event_stream.database import DatabaseConnection
@@ -15,13 +14,6 @@ from event_stream.poller import OutboxPoller, StopReason
 from event_stream.settings import RelaySettings
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def conn(conninfo):
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute("TRUNCATE outbox RESTART IDENTITY")
-        yield conn
 
 
 def insert(conn, payload_text: str) -> int:

@@ -260,14 +260,20 @@ def test_malformed_rows_do_not_crash_the_relay(db, database_url):
     assert sorted(r[0] for r in handled_rows(db)) == [3, 4]
 
 
+def start_relay_over_its_memory_limit(database_url, **env):
+    """A relay whose memory limit is far below any Python process: it restarts in place at
+    every memory check (5 a second)."""
+    return start_relay(
+        database_url,
+        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,
+        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
+        **env,
+    )
+
+
 def test_memory_limit_restarts_in_place_and_counts_it(db, database_url):
     write_events(db, [uuid.uuid4()], per_entity=3)
-    relay = start_relay(
-        database_url,
-        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
-        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
-        OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2,
-    )
+    relay = start_relay_over_its_memory_limit(database_url, OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2)
     try:
         wait_ready(relay)
         assert wait_until(
@@ -289,12 +295,7 @@ def test_a_memory_restart_keeps_the_heartbeat_counts(db, database_url):
     """The relay that restarts in place is the same relay (same id): its heartbeat goes on
     counting the events it handled before, from the time it first started."""
     write_events(db, [uuid.uuid4()], per_entity=5)
-    relay = start_relay(
-        database_url,
-        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
-        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
-        OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2,
-    )
+    relay = start_relay_over_its_memory_limit(database_url, OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2)
     try:
         wait_ready(relay)
         assert wait_until(lambda: pending_count(db) == 0, timeout=20)
@@ -317,12 +318,7 @@ def test_a_memory_restart_keeps_the_heartbeat_counts(db, database_url):
 def test_a_memory_restart_keeps_the_relay_listed_as_alive(db, database_url):
     """The heartbeat row stays while the relay restarts in place: health's relays_alive does
     not drop to 0 at each restart."""
-    relay = start_relay(
-        database_url,
-        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
-        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
-        OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2,
-    )
+    relay = start_relay_over_its_memory_limit(database_url, OUTBOX_POLLER_HEARTBEAT_INTERVAL=0.2)
     try:
         wait_ready(relay)
         assert wait_until(lambda: query(db, "SELECT restarts FROM outbox_relay"), timeout=20)
@@ -341,11 +337,7 @@ def test_a_memory_restart_keeps_the_relay_listed_as_alive(db, database_url):
 
 
 def test_a_memory_limit_below_the_relays_own_size_is_warned_of_once(db, database_url):
-    relay = start_relay(
-        database_url,
-        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
-        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
-    )
+    relay = start_relay_over_its_memory_limit(database_url)
     try:
         lines = read_until(relay, "restart after")  # the first restart
         lines += read_until(relay, "restart after")  # and the next one
@@ -375,11 +367,7 @@ def test_a_signal_during_a_memory_restart_stops_the_relay_gracefully(db, databas
     """A signal that comes while the relay re-executes itself (its handlers gone, Django
     starting up again) is kept for the new program: it stops, with exit status 0, instead of
     dying of the signal's default action (or, as PID 1 in a container, ignoring it)."""
-    relay = start_relay(
-        database_url,
-        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
-        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
-    )
+    relay = start_relay_over_its_memory_limit(database_url)
     try:
         wait_ready(relay)
         # The line logged once the relay has let its signal handlers go, just before the exec
@@ -397,11 +385,7 @@ def test_a_memory_restart_while_the_database_is_gone_waits_for_it(db):
     """The program that replaces the relay in a restart in place finds the database gone: it
     retries with backoff instead of exiting, then relays what was written meanwhile."""
     proxy, proxied = proxied_database()
-    relay = start_relay(
-        proxied,
-        OUTBOX_POLLER_MEMORY_LIMIT_MB=1,  # far below any Python process
-        OUTBOX_POLLER_MEMORY_CHECK_INTERVAL=0.2,
-    )
+    relay = start_relay_over_its_memory_limit(proxied)
     try:
         wait_ready(relay)
         read_until(relay, "restarting in place")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import psycopg
 import pytest
 from django.db import connection
 from psycopg.types.json import Jsonb
@@ -18,13 +17,6 @@ from event_stream.database import DatabaseConnection
 from event_stream.replay import replay_failed
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def conn(conninfo):
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute("TRUNCATE outbox RESTART IDENTITY")
-        yield conn
 
 
 def insert(conn, entity, state: str) -> int:

@@ -273,6 +273,7 @@ async def test_a_signal_while_the_relay_closes_for_a_restart_still_stops_it():
 
         settings = RelaySettings()
         stopped = False
+        unlisted = False
 
         def stop(self):
             self.stopped = True
@@ -282,12 +283,16 @@ async def test_a_signal_while_the_relay_closes_for_a_restart_still_stops_it():
             await asyncio.sleep(0.05)  # the signal's handler runs on the loop meanwhile
             return StopReason.RESTART
 
+        async def unlist(self):
+            self.unlisted = True
+
     poller = RestartingPoller()
 
     reason = await poller_module.run_until_signalled(poller)
 
     assert poller.stopped
     assert reason is StopReason.STOPPED
+    assert poller.unlisted  # no restart takes its heartbeat row on: it leaves the live list
 
 
 async def test_every_retry_it_scheduled_wakes_it_not_only_the_earliest():
