@@ -46,17 +46,12 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["event_stream"])
 
 
-def transport_options_from_env(environ) -> dict:
-    """CELERY_BROKER_TRANSPORT_OPTIONS as a dict; ConfigError (a ValueError) when bad."""
-    return load_transport_options(environ)
-
-
 @app.on_after_configure.connect
 def _apply_environment(sender, **kwargs):
     # Celery only logs what a receiver of this signal raises, and carries on: a bad value is
     # left out here, and refused at the start of the worker, beat and the relay instead.
     try:
-        options = transport_options_from_env(os.environ)
+        options = load_transport_options(os.environ)
     except ConfigError:
         options = {}
     if options:

@@ -23,6 +23,14 @@ class ClaimedEvent(dict):
     __slots__ = ("payload_json",)
 
 
+# The seed's event_data fields, which every handler may rely on (make_event_data adds
+# `attempts`); a Celery task whose event_data lacks one runs nothing (event_stream.tasks).
+SEED_FIELDS = (
+    "id", "event_id", "event_type", "entity_type", "entity_id", "payload", "processed_at",
+    "created_at",
+)  # fmt: skip
+
+
 def make_event_data(
     *,
     id: int,

@@ -37,6 +37,7 @@ from django.utils import timezone
 from event_stream.celery_dispatch import TASK_NAME
 from event_stream.database import storable
 from event_stream.dispatch import RetryPolicy
+from event_stream.events import SEED_FIELDS
 from event_stream.handlers import registry
 from event_stream.settings import CelerySettings, load_celery_settings
 
@@ -47,12 +48,6 @@ QUEUE_CHECK_TASK_NAME = "event_stream.check_queue_depth"
 CLEANUP_CHUNK_SIZE = 10_000  # ids per DELETE
 MAX_ERROR_LENGTH = 4_000
 MAX_ATTEMPTS = 32_767  # the top of `attempts`, a smallint
-
-# The seed's event_data fields, which every handler may rely on; the relay sends them all.
-EVENT_FIELDS = (
-    "id", "event_id", "event_type", "entity_type", "entity_id", "payload", "processed_at",
-    "created_at",
-)  # fmt: skip
 
 
 # -- running handlers -----------------------------------------------------------------------
@@ -140,10 +135,10 @@ def _outbox_id(event_data) -> int | None:
 
 
 def _missing_fields(event_data) -> list[str]:
-    """The EVENT_FIELDS that `event_data` lacks ("id" too when its id is not an integer)."""
+    """The SEED_FIELDS that `event_data` lacks ("id" too when its id is not an integer)."""
     if not isinstance(event_data, dict):
-        return list(EVENT_FIELDS)
-    missing = [name for name in EVENT_FIELDS if name not in event_data]
+        return list(SEED_FIELDS)
+    missing = [name for name in SEED_FIELDS if name not in event_data]
     if "id" not in missing and _outbox_id(event_data) is None:
         missing.insert(0, "id")
     return missing

@@ -323,7 +323,7 @@ class TestRetryDelay:
 
 class TestCeleryApp:
     def test_transport_options_from_the_environment(self):
-        from celery_app import transport_options_from_env
+        from event_stream.settings import load_transport_options as transport_options_from_env
 
         assert transport_options_from_env({}) == {}
         assert transport_options_from_env(
